@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import IdempotencyKey, SettingsDep, StorageDep, TenantDep
+from api.schemas import BatchIn, BatchOut, JobOut, JobPage
+from core import jobs
+from core.db import session_scope
+from core.errors import FieldError, InvalidInput
+from core.settings import Settings
+from core.status import JobStatus
+from core.submit import submit
+
+router = APIRouter(prefix="/v1/batches", tags=["batches"])
+
+
+def _batch_out(settings: Settings, tenant: str, batch_id: str) -> BatchOut:
+    with session_scope(settings.database_url) as session:
+        batch = jobs.get_batch(session, tenant, batch_id)
+        status, counts = jobs.summary(session, batch)
+        return BatchOut.of(batch, status, counts)
+
+
+@router.post("", status_code=202, response_model=BatchOut)
+def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Response,
+           idempotency_key: IdempotencyKey = None) -> BatchOut:
+    """Submit a catalog batch. Every item is validated first: one bad item rejects the whole request
+    with 422 listing every bad item and field, and nothing is stored."""
+    batch_id, created = submit(settings, tenant, body.items, as_batch=True, metadata=body.metadata,
+                               idempotency_key=idempotency_key, body=body.model_dump())
+    if not created:
+        response.status_code = 200
+    return _batch_out(settings, tenant, batch_id)
+
+
+def parse_manifest(text: str) -> list[Any]:
+    """JSONL: one item per line; blank lines and lines starting with # are skipped."""
+    items, errors = [], []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            items.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            errors.append(FieldError(f"line {number}", f"not valid JSON: {exc.msg}", f"line {number}"))
+    if errors:
+        raise InvalidInput(errors)
+    return items
+
+
+@router.post("/manifest", status_code=202, response_model=BatchOut,
+             openapi_extra={"requestBody": {"required": True, "content": {
+                 "application/x-ndjson": {"schema": {"type": "string", "description": "one job spec per line"}}}}})
+async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
+                               idempotency_key: IdempotencyKey = None,
+                               metadata: Annotated[str | None, Query(description="JSON object")] = None
+                               ) -> BatchOut:
+    """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`)."""
+    raw = await request.body()
+    try:
+        meta = json.loads(metadata) if metadata else {}
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"not valid JSON: {exc.msg}", "metadata") from None
+    items = parse_manifest(raw.decode("utf-8", errors="replace"))
+    body = {"items": items, "metadata": meta}
+    batch_id, created = await run_in_threadpool(
+        submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body)
+    if not created:
+        response.status_code = 200
+    return await run_in_threadpool(_batch_out, settings, tenant, batch_id)
+
+
+@router.get("/{batch_id}", response_model=BatchOut)
+def read(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
+    return _batch_out(settings, tenant, batch_id)
+
+
+@router.get("/{batch_id}/jobs", response_model=JobPage)
+def list_jobs(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep,
+              status: JobStatus | None = None, cursor: str | None = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobPage:
+    with session_scope(settings.database_url) as session:
+        page = jobs.page(session, tenant, batch_id, status, cursor, limit)
+        data = [JobOut.of(job, storage) for job in page]
+    return JobPage(data=data, next_cursor=page[-1].id if len(page) == limit else None)
+
+
+@router.get("/{batch_id}/results", response_class=StreamingResponse,
+            responses={200: {"content": {"application/x-ndjson": {}}}})
+def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> StreamingResponse:
+    """JSONL, one line per item: custom_id, status, output URL(s) or error."""
+    with session_scope(settings.database_url) as session:
+        jobs.get_batch(session, tenant, batch_id)  # 404 before streaming starts
+
+    def lines() -> Iterator[bytes]:
+        with session_scope(settings.database_url) as session:
+            for job in jobs.iterate(session, tenant, batch_id):
+                out = JobOut.of(job, storage)
+                line: dict[str, Any] = {"custom_id": job.custom_id, "job_id": job.id, "status": job.status}
+                if out.outputs:
+                    line["url"] = out.outputs[0].url
+                    line["urls"] = [o.url for o in out.outputs]
+                if job.error:
+                    line["error"] = job.error
+                yield (json.dumps(line) + "\n").encode()
+
+    return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+@router.post("/{batch_id}/cancel", response_model=BatchOut)
+def cancel(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
+    """Cancel every job of the batch that has not finished; finished outputs stay available."""
+    with session_scope(settings.database_url) as session:
+        jobs.cancel_batch(session, tenant, batch_id)
+    return _batch_out(settings, tenant, batch_id)

@@ -1,0 +1,76 @@
+"""Database engine, sessions and migrations.
+
+PostgreSQL in production and tests; SQLite for the embedded single-machine stack, opened in WAL
+mode with a busy timeout because the API and the worker are separate processes writing one file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import ServiceUnavailable
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+@lru_cache(maxsize=8)
+def get_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+@lru_cache(maxsize=8)
+def _sessionmaker(url: str) -> sessionmaker[Session]:
+    return sessionmaker(get_engine(url), expire_on_commit=False)
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A session that commits when the block ends and rolls back if it raises."""
+    with _sessionmaker(url)() as session, session.begin():
+        yield session
+
+
+def ping(url: str) -> None:
+    try:
+        with get_engine(url).connect() as conn:
+            conn.execute(text("select 1"))
+    except Exception as exc:
+        raise ServiceUnavailable(f"database at {redact(url)} is unreachable: {exc}") from exc
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    """Run the Alembic migrations up to `revision` (the API and `step1x up` call this at start)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    command.upgrade(config, revision)

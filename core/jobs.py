@@ -1,0 +1,110 @@
+"""Reading and canceling jobs and batches, always scoped to one tenant.
+
+Another tenant's id gives NotFound, exactly like an id that does not exist: nothing leaks whether
+it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.engine import CursorResult
+from sqlalchemy.orm import Session
+
+from core.errors import NotFound
+from core.status import BatchStatus, JobStatus, batch_status, sources_of
+from core.tables import Batch, Job, utcnow
+
+
+def get_job(session: Session, tenant: str, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant))
+    if job is None:
+        raise NotFound(f"job {job_id} not found")
+    return job
+
+
+def get_batch(session: Session, tenant: str, batch_id: str) -> Batch:
+    batch = session.scalar(select(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant))
+    if batch is None:
+        raise NotFound(f"batch {batch_id} not found")
+    return batch
+
+
+def counts(session: Session, batch_id: str) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status))
+    found = {status: n for status, n in rows}
+    return {s.value: found.get(s.value, 0) for s in JobStatus}
+
+
+def summary(session: Session, batch: Batch) -> tuple[BatchStatus, dict[str, int]]:
+    per_status = counts(session, batch.id)
+    return batch_status(per_status, batch.canceled), per_status
+
+
+def _cancel(session: Session, *criteria: Any) -> int:
+    result = session.execute(
+        update(Job).where(*criteria, Job.status.in_(sources_of(JobStatus.CANCELED)))
+        .values(status=JobStatus.CANCELED, finished_at=utcnow(), lease_until=None)
+    )
+    assert isinstance(result, CursorResult)
+    return result.rowcount
+
+
+def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
+    """Cancel a job that has not finished; a finished job is returned as it is."""
+    job = get_job(session, tenant, job_id)
+    _cancel(session, Job.id == job.id)
+    if job.batch_id:
+        complete_batches(session, [job.batch_id])
+    session.refresh(job)
+    return job
+
+
+def cancel_batch(session: Session, tenant: str, batch_id: str) -> int:
+    batch = get_batch(session, tenant, batch_id)
+    batch.canceled = True
+    canceled = _cancel(session, Job.batch_id == batch.id)
+    complete_batches(session, [batch.id])
+    return canceled
+
+
+def page(session: Session, tenant: str, batch_id: str, status: JobStatus | None, after: str | None,
+         limit: int) -> list[Job]:
+    """Jobs of a batch ordered by id, starting after the cursor `after` (the last id of the previous page)."""
+    get_batch(session, tenant, batch_id)
+    query = select(Job).where(Job.batch_id == batch_id, Job.tenant_id == tenant)
+    if status is not None:
+        query = query.where(Job.status == status)
+    if after is not None:
+        query = query.where(Job.id > after)
+    return list(session.scalars(query.order_by(Job.id).limit(limit)))
+
+
+def iterate(session: Session, tenant: str, batch_id: str, chunk: int = 2000) -> Iterator[Job]:
+    """Every job of a batch, in pages, so a 100,000-item batch streams in bounded memory."""
+    after = None
+    while True:
+        jobs = page(session, tenant, batch_id, None, after, chunk)
+        yield from jobs
+        if len(jobs) < chunk:
+            return
+        after = jobs[-1].id
+
+
+def complete_batches(session: Session, batch_ids: Iterable[str]) -> list[str]:
+    """Stamp `finished_at` on each batch whose last job just became terminal; returns those stamped.
+    The stamp is a conditional UPDATE, so two workers finishing together stamp it once."""
+    stamped = []
+    for batch_id in batch_ids:
+        pending = session.scalar(select(func.count()).where(
+            Job.batch_id == batch_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
+        if pending:
+            continue
+        result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.finished_at.is_(None))
+                                 .values(finished_at=utcnow()))
+        assert isinstance(result, CursorResult)
+        if result.rowcount:
+            stamped.append(batch_id)
+    return stamped

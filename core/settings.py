@@ -1,0 +1,154 @@
+"""One validated settings object, read through `get_settings()`.
+
+Every value comes from the environment with the prefix `STEP1X_` (nested values with `__`, for
+example `STEP1X_MODELS='{"sd15": {...}}'`), or from a `.env` file. Tests override it by setting
+the environment and calling `get_settings.cache_clear()`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
+
+Task = Literal["generate", "inpaint", "upscale"]
+Precision = Literal["auto", "fp32", "fp16", "bf16"]
+
+PLACEHOLDER_SECRETS = {"changeme", "step1x-dev-secret", "step1x-dev-key", ""}
+
+
+class ModelProfile(BaseModel):
+    """One model a worker can load: what it does, which engine runs it, where its weights are."""
+
+    task: Task
+    # "diffusers" (text-to-image / inpaint), "controlnet" (structure inpaint), "classical" (OpenCV fill),
+    # "esrgan" (RRDBNet .pth/.safetensors), "waifu2x" (converted ncnn weights), "lanczos" (resampling).
+    engine: Literal["diffusers", "controlnet", "classical", "esrgan", "waifu2x", "lanczos"]
+    # Local directory (diffusers layout) or weight file. Never a hub id: nothing is downloaded at run time.
+    weights: str | None = None
+    # Extra weights: the ControlNet directory for engine="controlnet".
+    controlnet: str | None = None
+    precision: Precision = "auto"
+    device: str = "auto"
+    # Pixels one forward pass may hold (width x height x images); micro-batches are cut to fit it.
+    pixel_budget: int = 8 * 512 * 512
+    # Edge of the square the model works at natively (inpaint crops are resized to it).
+    native_size: int = 512
+    # Largest edge a request may ask for (generate) or bring (inpaint/upscale input).
+    max_size: int = 4096
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    # Marks the offline defaults, whose random weights draw noise: logged loudly when loaded.
+    tiny: bool = False
+
+
+def _default_profiles(models_dir: Path) -> dict[str, ModelProfile]:
+    tiny = models_dir / "tiny"
+    return {
+        "tiny-sd": ModelProfile(
+            task="generate", engine="diffusers", weights=str(tiny / "text2img"),
+            pixel_budget=16 * 64 * 64, native_size=64, max_size=1024, tiny=True,
+        ),
+        "tiny-sd-inpaint": ModelProfile(
+            task="inpaint", engine="diffusers", weights=str(tiny / "inpaint"),
+            pixel_budget=16 * 64 * 64, native_size=64, tiny=True,
+        ),
+        "tiny-sd-controlnet": ModelProfile(
+            task="inpaint", engine="controlnet", weights=str(tiny / "inpaint"),
+            controlnet=str(tiny / "controlnet"), pixel_budget=16 * 64 * 64, native_size=64, tiny=True,
+        ),
+        "classical-fill": ModelProfile(task="inpaint", engine="classical", pixel_budget=32 * 512 * 512),
+        "realesrgan-x4": ModelProfile(
+            task="upscale", engine="esrgan", weights=str(models_dir / "realesrgan-x4plus.safetensors"),
+            pixel_budget=4 * 256 * 256,
+        ),
+        "waifu2x-x4": ModelProfile(
+            task="upscale", engine="waifu2x", weights=str(models_dir / "waifu2x-photo.safetensors"),
+            pixel_budget=4 * 256 * 256,
+        ),
+        "lanczos-x4": ModelProfile(task="upscale", engine="lanczos", pixel_budget=64 * 512 * 512),
+    }
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="STEP1X_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    environment: Literal["development", "production"] = "development"
+    # Root of local state for the embedded stack: SQLite file, logs, model weights, S3 data.
+    data_dir: Path = Path(".step1x")
+
+    database_url: str = ""  # default: SQLite in data_dir
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    s3_endpoint_url: str | None = "http://127.0.0.1:8333"
+    # Address clients use for presigned URLs, when it differs from the one workers use.
+    s3_public_endpoint_url: str | None = None
+    s3_bucket: str = "step1x"
+    s3_region: str = "us-east-1"
+    s3_access_key: str = "step1x"
+    s3_secret_key: str = "step1x-dev-secret"
+    presign_seconds: int = 3600
+
+    # Redis re-delivers a task unacknowledged for this long: keep it far above the longest micro-batch.
+    visibility_timeout: int = 3600
+    # A claimed job belongs to its worker until this many seconds pass; the reconciler re-queues it after.
+    lease_seconds: int = 900
+    max_attempts: int = 3
+    # A queued job with no progress after this long is dispatched again (its message may be lost).
+    redispatch_after: int = 600
+    reconcile_interval: float = 30.0
+
+    max_batch_items: int = 100_000
+    max_upload_bytes: int = 40 * 1024 * 1024
+    max_image_side: int = 8192
+
+    models_dir: Path | None = None  # default: data_dir / "models"
+    models: dict[str, ModelProfile] = Field(default_factory=dict)
+    # Which profile serves a job that names none, per task ("inpaint.<mode>" for inpainting).
+    default_models: dict[str, str] = Field(
+        default_factory=lambda: {
+            "generate": "tiny-sd",
+            "inpaint.fill": "classical-fill",
+            "inpaint.text": "tiny-sd-inpaint",
+            "inpaint.structure": "tiny-sd-controlnet",
+            "upscale": "realesrgan-x4",
+        }
+    )
+    # Profiles loaded at once in one worker; the least recently used is evicted past this.
+    pipeline_cache_size: int = 4
+    prompt_cache_size: int = 1024
+
+    @model_validator(mode="after")
+    def _fill_defaults(self) -> Settings:
+        if not self.database_url:
+            self.database_url = f"sqlite:///{(self.data_dir / 'step1x.db').resolve()}"
+        if self.models_dir is None:
+            self.models_dir = self.data_dir / "models"
+        # User profiles extend and override the offline defaults.
+        self.models = {**_default_profiles(self.models_dir), **self.models}
+        for key, name in self.default_models.items():
+            if name not in self.models:
+                raise ConfigError(f"STEP1X_DEFAULT_MODELS[{key!r}] names unknown model profile {name!r}")
+        if self.environment == "production" and self.s3_secret_key in PLACEHOLDER_SECRETS:
+            raise ConfigError("STEP1X_S3_SECRET_KEY is a development placeholder: set a real secret")
+        return self
+
+    @property
+    def model_root(self) -> Path:
+        assert self.models_dir is not None
+        return self.models_dir
+
+    def default_model(self, kind: str, mode: str | None = None) -> str:
+        return self.default_models[f"{kind}.{mode}" if kind == "inpaint" else kind]
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,187 @@
+"""Job specs: what a user may ask for, validated with messages that name the field.
+
+A spec is one catalog item. `validate_items` checks a whole batch and reports every bad item at
+once, so a user fixes a manifest in one round trip. Checks that need stored state (does the file
+exist, do the sizes agree) live in `core.submit`.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterable, Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from core.errors import FieldError, InvalidInput
+from core.settings import Settings
+
+FileId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="id returned by POST /v1/files")]
+MAX_SEED = 2**32 - 1
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    custom_id: str | None = Field(None, min_length=1, max_length=200)
+    model: str | None = Field(None, description="model profile; the default for the task when omitted")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random and recorded when omitted")
+    cache: bool = Field(True, description="reuse the stored output of an identical earlier job (same spec, "
+                                          "inputs, seed and model weights)")
+
+
+class GenerateSpec(_Spec):
+    kind: Literal["generate"]
+    prompt: str = Field(min_length=1, max_length=2000)
+    negative_prompt: str = Field("", max_length=2000)
+    steps: int = Field(30, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=30)
+    width: int = Field(512, ge=64, le=4096)
+    height: int = Field(512, ge=64, le=4096)
+    num_images: int = Field(1, ge=1, le=8, description="images per prompt, seeds seed, seed+1, ...")
+
+
+class InpaintSpec(_Spec):
+    kind: Literal["inpaint"]
+    mode: Literal["fill", "structure", "text"] = Field(
+        description="fill: match the surroundings; structure: follow an edge map; text: draw the prompt"
+    )
+    image: FileId
+    mask: FileId = Field(description="white (non-zero) pixels are redrawn; same size as image")
+    prompt: str | None = Field(None, max_length=2000)
+    negative_prompt: str = Field("", max_length=2000)
+    edges: FileId | None = Field(None, description="structure mode: your own edge map instead of Canny")
+    canny_low: int = Field(100, ge=0, le=255)
+    canny_high: int = Field(200, ge=0, le=255)
+    steps: int = Field(30, ge=1, le=150)
+    guidance_scale: float = Field(7.5, ge=0, le=30)
+    strength: float = Field(1.0, gt=0, le=1)
+    padding: int = Field(32, ge=0, le=512, description="context pixels kept around the mask's box")
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> InpaintSpec:
+        if self.mode == "text" and not self.prompt:
+            raise ValueError("prompt: text mode needs a prompt saying what to draw")
+        if self.edges is not None and self.mode != "structure":
+            raise ValueError("edges: only structure mode uses an edge map")
+        if self.canny_low >= self.canny_high:
+            raise ValueError("canny_low: must be below canny_high")
+        return self
+
+
+class UpscaleSpec(_Spec):
+    kind: Literal["upscale"]
+    image: FileId
+    scale: Literal[4] = 4
+
+
+JobSpec = Annotated[GenerateSpec | InpaintSpec | UpscaleSpec, Field(discriminator="kind")]
+_adapter: TypeAdapter[GenerateSpec | InpaintSpec | UpscaleSpec] = TypeAdapter(JobSpec)
+AnySpec = GenerateSpec | InpaintSpec | UpscaleSpec
+
+
+def task_key(spec: AnySpec) -> str:
+    return f"inpaint.{spec.mode}" if isinstance(spec, InpaintSpec) else spec.kind
+
+
+def input_files(spec: AnySpec) -> dict[str, str]:
+    """The file ids a spec refers to, by field name."""
+    names = ("image", "mask", "edges")
+    return {n: getattr(spec, n) for n in names if getattr(spec, n, None) is not None}
+
+
+def _field_of(loc: Sequence[str | int], message: str) -> tuple[str, str]:
+    # The union's discriminator tag ("generate", ...) is noise in a field path.
+    parts = [str(p) for p in loc if p not in ("generate", "inpaint", "upscale")]
+    field = ".".join(parts)
+    # Errors raised in a model validator carry their field in the message ("prompt: ...").
+    if not field and ": " in message:
+        field, message = message.split(": ", 1)
+        field = field.removeprefix("Value error, ")
+    return field or "item", message.removeprefix("Value error, ")
+
+
+def parse_item(raw: Any, item: str | None = None) -> AnySpec:
+    """Validate one item; raise InvalidInput naming each bad field."""
+    try:
+        return _adapter.validate_python(raw)
+    except ValidationError as exc:
+        errors = []
+        for err in exc.errors(include_url=False):
+            if err["type"] in ("union_tag_not_found", "union_tag_invalid"):
+                errors.append(FieldError("kind", "must be one of: generate, inpaint, upscale", item))
+                continue
+            field, message = _field_of(err["loc"], err["msg"])
+            errors.append(FieldError(field, message, item))
+        raise InvalidInput(errors) from None
+
+
+def _item_name(raw: Any, index: int) -> str:
+    if isinstance(raw, dict) and isinstance(raw.get("custom_id"), str) and raw["custom_id"]:
+        return raw["custom_id"]
+    return f"#{index}"
+
+
+def validate_items(raw_items: Iterable[Any], settings: Settings, require_custom_id: bool = True) -> list[AnySpec]:
+    """Parse every item, resolve its model, give it a seed; raise one InvalidInput listing every problem."""
+    specs: list[AnySpec] = []
+    errors: list[FieldError] = []
+    seen: set[str] = set()
+    for index, raw in enumerate(raw_items):
+        name = _item_name(raw, index)
+        try:
+            spec = parse_item(raw, name)
+        except InvalidInput as exc:
+            errors.extend(exc.errors)
+            continue
+        if require_custom_id and spec.custom_id is None:
+            errors.append(FieldError("custom_id", "every batch item needs a custom_id", name))
+        elif spec.custom_id is not None and spec.custom_id in seen:
+            errors.append(FieldError("custom_id", "appears more than once in this batch", name))
+        if spec.custom_id is not None:
+            seen.add(spec.custom_id)
+        errors.extend(check_model(spec, settings, name))
+        if spec.seed is None:
+            spec.seed = secrets.randbelow(MAX_SEED + 1)
+        specs.append(spec)
+    if len(specs) + len({e.item for e in errors}) > settings.max_batch_items:
+        errors.append(FieldError("items", f"at most {settings.max_batch_items} items per batch"))
+    if errors:
+        raise InvalidInput(errors)
+    return specs
+
+
+def check_model(spec: AnySpec, settings: Settings, name: str | None) -> list[FieldError]:
+    """Resolve the model profile in place; report a model that cannot serve this item."""
+    task = task_key(spec)
+    if spec.model is None:
+        spec.model = settings.default_models[task]
+    profile = settings.models.get(spec.model)
+    if profile is None:
+        known = ", ".join(sorted(settings.models))
+        return [FieldError("model", f"unknown model {spec.model!r}; known: {known}", name)]
+    if profile.task != spec.kind:
+        return [FieldError("model", f"model {spec.model!r} does {profile.task}, not {spec.kind}", name)]
+    if isinstance(spec, InpaintSpec) and spec.mode == "structure" and profile.engine != "controlnet":
+        return [FieldError("model", f"structure mode needs a controlnet model, {spec.model!r} is not", name)]
+    if isinstance(spec, GenerateSpec):
+        if max(spec.width, spec.height) > profile.max_size:
+            return [FieldError("width", f"{spec.width}x{spec.height} exceeds {profile.max_size} px "
+                                        f"per side for model {spec.model!r}", name)]
+        w, h = generation_bucket(spec.width, spec.height, profile.native_size)
+        pixels = w * h * spec.num_images
+        if pixels > profile.pixel_budget:
+            return [FieldError("num_images", f"{spec.num_images} images at {w}x{h} = {pixels} px exceed "
+                                             f"model {spec.model!r}'s budget of {profile.pixel_budget} px",
+                               name)]
+    return []
+
+
+def generation_bucket(width: int, height: int, native_size: int) -> tuple[int, int]:
+    """The size a model draws at: the requested aspect ratio at no more than its native area, sides
+    rounded to a grid of native_size/8, so nearby sizes share a batch. The engine resizes the result
+    to the exact size asked for."""
+    step = max(8, native_size // 8)
+    scale = min(1.0, (native_size * native_size / (width * height)) ** 0.5)
+    snap = lambda side: max(step, round(side * scale / step) * step)  # noqa: E731
+    return snap(width), snap(height)

@@ -1,0 +1,97 @@
+"""Object storage through boto3: any S3-compatible service (SeaweedFS, MinIO, AWS S3).
+
+Keys are deterministic (`outputs/{tenant}/{batch}/{job}.png`), so a job that runs twice overwrites
+its output instead of leaving a duplicate.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from core.errors import NotFound, ServiceUnavailable
+from core.settings import Settings
+
+
+def input_key(tenant: str, file_id: str) -> str:
+    return f"inputs/{tenant}/{file_id}"
+
+
+def output_key(tenant: str, batch_id: str | None, job_id: str, index: int = 0) -> str:
+    suffix = "" if index == 0 else f"-{index}"
+    return f"outputs/{tenant}/{batch_id or 'single'}/{job_id}{suffix}.png"
+
+
+class Storage:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.bucket = settings.s3_bucket
+
+    def _client(self, endpoint: str | None) -> Any:
+        s = self.settings
+        return boto3.client(
+            "s3", endpoint_url=endpoint, region_name=s.s3_region,
+            aws_access_key_id=s.s3_access_key, aws_secret_access_key=s.s3_secret_key,
+            config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
+                          retries={"max_attempts": 5, "mode": "standard"}),
+        )
+
+    @cached_property
+    def client(self) -> Any:
+        return self._client(self.settings.s3_endpoint_url)
+
+    @cached_property
+    def public_client(self) -> Any:
+        """Signs URLs for the address clients see, which may differ from the workers' address."""
+        public = self.settings.s3_public_endpoint_url
+        return self._client(public) if public else self.client
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except ClientError:
+            self.client.create_bucket(Bucket=self.bucket)
+
+    def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+
+    def get(self, key: str) -> bytes:
+        try:
+            return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                raise NotFound(f"object {key!r} is not in bucket {self.bucket!r}") from exc
+            raise
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound"):
+                return False
+            raise
+        return True
+
+    def copy(self, source_key: str, key: str) -> None:
+        self.client.copy_object(Bucket=self.bucket, Key=key,
+                                CopySource={"Bucket": self.bucket, "Key": source_key})
+
+    def presign_get(self, key: str, filename: str | None = None) -> str:
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        if filename:
+            params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+        url: str = self.public_client.generate_presigned_url(
+            "get_object", Params=params, ExpiresIn=self.settings.presign_seconds
+        )
+        return url
+
+    def ping(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as exc:
+            raise ServiceUnavailable(f"S3 bucket {self.bucket!r} at {self.settings.s3_endpoint_url} "
+                                     f"is unreachable: {exc}") from exc

@@ -1,0 +1,164 @@
+"""Accept work: validate every item against stored state, store jobs in bulk, dispatch them.
+
+A request with any bad item is rejected whole, listing every bad item and field, and nothing of it
+is stored. Accepted jobs are committed before their messages are sent, so a worker never sees an
+id the database does not have; if the broker is down, the jobs stay queued and the reconciler
+dispatches them later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import insert, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core import dispatch
+from core.db import session_scope
+from core.errors import Conflict, FieldError, InvalidInput
+from core.files import files_by_id
+from core.settings import Settings
+from core.specs import AnySpec, InpaintSpec, UpscaleSpec, input_files, validate_items
+from core.tables import Batch, IdempotencyKey, Job, new_id, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Accepted:
+    batch: Batch | None
+    jobs: list[dict[str, Any]]  # the inserted rows, as dicts (a catalog is not loaded as ORM objects)
+
+    @property
+    def planned(self) -> list[dispatch.Planned]:
+        return [dispatch.Planned(j["id"], j["group_key"], j["cost"], j["lane"]) for j in self.jobs]
+
+
+def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], settings: Settings) -> dict[str, Any]:
+    """Every referenced file exists for this tenant and sizes agree; returns the file rows by id."""
+    wanted = {fid for spec in specs for fid in input_files(spec).values()}
+    files = files_by_id(session, tenant, wanted)
+    errors: list[FieldError] = []
+    for index, spec in enumerate(specs):
+        name = spec.custom_id or f"#{index}"
+        refs = input_files(spec)
+        missing = [field for field, fid in refs.items() if fid not in files]
+        errors.extend(FieldError(f, f"file {refs[f]} does not exist (upload it with POST /v1/files)", name)
+                      for f in missing)
+        if missing or not isinstance(spec, InpaintSpec | UpscaleSpec):
+            continue
+        image = files[spec.image]
+        assert spec.model is not None
+        limit = settings.models[spec.model].max_size
+        if max(image.width, image.height) > limit:
+            errors.append(FieldError("image", f"{image.width}x{image.height} exceeds {limit} px per side "
+                                              f"for model {spec.model!r}", name))
+        if isinstance(spec, InpaintSpec):
+            for field in ("mask", "edges"):
+                other = files.get(refs.get(field, ""))
+                if other is not None and (other.width, other.height) != (image.width, image.height):
+                    errors.append(FieldError(field, f"{field} is {other.width}x{other.height} but image is "
+                                                    f"{image.width}x{image.height}: they must match", name))
+    if errors:
+        raise InvalidInput(errors)
+    return files
+
+
+def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequence[Any], *,
+           as_batch: bool, metadata: dict[str, Any] | None = None
+           ) -> Accepted:
+    """Validate and store; the caller commits, then calls `send`."""
+    if not raw_items:
+        raise InvalidInput("a batch needs at least one item", "items")
+    specs = validate_items(raw_items, settings, require_custom_id=as_batch)
+    files = check_files(session, tenant, specs, settings)
+    batch = None
+    if as_batch:
+        batch = Batch(id=new_id("bat"), tenant_id=tenant, metadata_=metadata or {},
+                      total=len(specs))
+        session.add(batch)
+        session.flush()
+    lane = "bulk" if as_batch else "interactive"
+    now = utcnow()
+    rows = []
+    for spec in specs:
+        image = files.get(getattr(spec, "image", None) or "")
+        key, cost = dispatch.plan(spec, settings, (image.width, image.height) if image else None)
+        assert spec.seed is not None and spec.model is not None
+        rows.append({
+            "id": new_id("job"), "tenant_id": tenant, "batch_id": batch.id if batch else None,
+            "custom_id": spec.custom_id, "kind": spec.kind, "model": spec.model, "seed": spec.seed,
+            "spec": spec.model_dump(mode="json", exclude={"custom_id"}), "lane": lane, "group_key": key,
+            "cost": cost, "status": "queued", "attempts": 0, "created_at": now,
+        })
+    for start in range(0, len(rows), 5000):
+        session.execute(insert(Job), rows[start:start + 5000])
+    return Accepted(batch, rows)
+
+
+def send(session: Session, settings: Settings, planned: Sequence[dispatch.Planned]) -> int:
+    """Dispatch micro-batches and stamp the jobs. A broker failure leaves them for the reconciler."""
+    batches = dispatch.cut(planned, settings)
+    sent = dispatch.send(batches, settings)
+    ids = [job.id for job in planned]
+    for start in range(0, len(ids), 5000):
+        session.execute(update(Job).where(Job.id.in_(ids[start:start + 5000]), Job.status == "queued")
+                        .values(dispatched_at=utcnow()))
+    return sent
+
+
+def body_hash(body: Any) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def replayed(session: Session, tenant: str, key: str | None, digest: str) -> str | None:
+    """The resource an earlier request with this Idempotency-Key created, if any."""
+    if key is None:
+        return None
+    row = session.get(IdempotencyKey, (tenant, key))
+    if row is None:
+        return None
+    if row.request_hash != digest:
+        raise Conflict(f"Idempotency-Key {key!r} was used with a different request body: use a new key")
+    return row.resource_id
+
+
+def remember(session: Session, tenant: str, key: str | None, digest: str, resource_id: str) -> None:
+    if key is not None:
+        session.add(IdempotencyKey(tenant_id=tenant, key=key, request_hash=digest, resource_id=resource_id))
+
+
+def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: bool,
+           metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
+           body: Any = None) -> tuple[str, bool]:
+    """Validate, store and dispatch; returns (batch or job id, whether it was created now).
+
+    With an Idempotency-Key, a repeat of the same request returns the first one's resource."""
+    digest = body_hash(body if body is not None else items)
+    try:
+        with session_scope(settings.database_url) as session:
+            earlier = replayed(session, tenant, idempotency_key, digest)
+            if earlier is not None:
+                return earlier, False
+            accepted = accept(session, settings, tenant, items, as_batch=as_batch, metadata=metadata)
+            resource = accepted.batch.id if accepted.batch else accepted.jobs[0]["id"]
+            remember(session, tenant, idempotency_key, digest, resource)
+    except IntegrityError:
+        # A concurrent request with the same key committed first: answer with its resource.
+        with session_scope(settings.database_url) as session:
+            earlier = replayed(session, tenant, idempotency_key, digest)
+        if earlier is None:
+            raise
+        return earlier, False
+    try:
+        with session_scope(settings.database_url) as session:
+            send(session, settings, accepted.planned)
+    except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
+        log.warning("dispatch of %s failed, the reconciler will retry: %s", resource, exc)
+    return resource, True

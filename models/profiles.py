@@ -1,0 +1,64 @@
+"""The registry: model profile name -> loaded engine, kept warm in an LRU cache.
+
+Engine modules are imported on first use so a worker that only upscales never imports diffusers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from importlib import metadata
+
+from core.errors import ConfigError
+from core.settings import Settings
+from models.caches import LRUCache
+from models.engine import Engine
+
+log = logging.getLogger(__name__)
+
+# engine name in a profile -> "module:class"
+ENGINES = {
+    "diffusers": "models.diffusion:DiffusionEngine",
+    "controlnet": "models.diffusion:ControlNetInpaintEngine",
+    "classical": "models.classical:ClassicalFillEngine",
+    "esrgan": "models.esrgan:EsrganEngine",
+    "waifu2x": "models.waifu2x:Waifu2xEngine",
+    "lanczos": "models.classical:LanczosUpscaleEngine",
+}
+
+
+def create_engine(name: str, settings: Settings) -> Engine:
+    profile = settings.models.get(name)
+    if profile is None:
+        raise ConfigError(f"unknown model profile {name!r}; known: {', '.join(sorted(settings.models))}")
+    module, cls = ENGINES[profile.engine].split(":")
+    if profile.tiny:
+        # The offline defaults build themselves on first use: a fresh machine needs no setup.
+        from models.tiny import ensure_tiny
+
+        ensure_tiny(settings.model_root / "tiny")
+    engine: Engine = getattr(importlib.import_module(module), cls)(name, profile)
+    log.info("loaded model %s (%s engine, hash %s)", name, profile.engine, engine.model_hash)
+    return engine
+
+
+class Registry:
+    """The engines one worker keeps loaded; the least recently used is dropped past `size`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engines: LRUCache[str, Engine] = LRUCache(settings.pipeline_cache_size)
+
+    def get(self, name: str) -> Engine:
+        return self._engines.get_or_create(name, lambda: create_engine(name, self.settings))
+
+
+def library_versions() -> dict[str, str]:
+    """Recorded with every output, so an image can be traced to the code that drew it."""
+    versions = {}
+    for dist in ("step1x-batch", "torch", "diffusers", "transformers", "opencv-python-headless"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,193 @@
+"""The `step1x` command: run the stack, submit catalogs, fetch results, manage models and keys."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from core.errors import Step1XError
+from core.settings import get_settings
+from step1x.client import APIError, Client
+
+app = typer.Typer(help="Step1X Batch: batch image generation for e-commerce catalogs.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
+models_app = typer.Typer(help="Model weights.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+console = Console()
+
+ApiUrl = Annotated[str, typer.Option(envvar="STEP1X_API_URL", help="API address")]
+ApiKey = Annotated[str | None, typer.Option(envvar="STEP1X_API_KEY", help="API key (default: the dev key "
+                                                                             "`step1x up` wrote)")]
+
+
+def _client(api_url: str, api_key: str | None) -> Client:
+    if not api_key:
+        dev_key = get_settings().data_dir / "dev-key"
+        if not dev_key.exists():
+            raise typer.BadParameter("no API key: pass --api-key, set STEP1X_API_KEY, or run `step1x up` first")
+        api_key = dev_key.read_text().strip()
+    return Client(api_url, api_key)
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console)
+
+
+def wait_with_progress(client: Client, batch: dict[str, Any]) -> dict[str, Any]:
+    with progress_bar() as bar:
+        task = bar.add_task("images", total=batch["total"], detail="")
+
+        def update(b: dict[str, Any]) -> None:
+            c = b["counts"]
+            done = c["succeeded"] + c["failed"] + c["canceled"]
+            bar.update(task, completed=done, detail=f"{c['running']} running, {c['failed']} failed")
+
+        return client.wait_batch(batch["id"], on_progress=update)
+
+
+def print_summary(client: Client, batch: dict[str, Any], seconds: float) -> None:
+    counts = batch["counts"]
+    console.print(f"batch [bold]{batch['id']}[/]: {batch['status']} - {counts['succeeded']} succeeded, "
+                  f"{counts['failed']} failed, {counts['canceled']} canceled of {batch['total']}")
+    if counts["failed"]:
+        for line in client.results(batch["id"]):
+            if line["status"] == "failed":
+                console.print(f"  [red]{line['custom_id']}[/]: {line.get('error')}")
+    console.print(f"{seconds:.1f} s, {counts['succeeded'] / seconds if seconds else 0:.2f} images/s")
+
+
+@app.command()
+def up(port: int = 8000, gpus: str = "all", data_dir: Path | None = None) -> None:
+    """Run the embedded stack (SQLite, Redis, SeaweedFS S3, API, workers) until Ctrl-C."""
+    from step1x.stack import EmbeddedStack
+
+    stack = EmbeddedStack(data_dir or get_settings().data_dir, api_port=port, gpus=gpus)
+    with console.status("starting Redis, S3, the API and the workers..."):
+        stack.start()
+    console.print(f"[green]Step1X Batch is up[/] at {stack.api_url} (OpenAPI: {stack.api_url}/docs)")
+    console.print(f"development API key: [bold]{stack.api_key}[/] (also in {stack.data_dir / 'dev-key'})")
+    console.print(f"logs: {stack.logs}   Ctrl-C stops everything")
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        while stack.alive():
+            time.sleep(0.5)
+        console.print("[red]a process of the stack exited; see the logs[/]")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with console.status("stopping..."):
+            stack.stop()
+
+
+@app.command()
+def worker(gpus: Annotated[str, typer.Option(help="'all', 'cpu', or GPU indices like 0,1")] = "all",
+           beat: bool = False, loglevel: str = "INFO") -> None:
+    """One Celery worker process per GPU (CUDA_VISIBLE_DEVICES-pinned); one CPU worker without GPUs."""
+    from workers import launcher
+
+    raise typer.Exit(launcher.run(gpus, loglevel=loglevel, beat=beat))
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the database schema."""
+    from core.db import redact, upgrade
+
+    upgrade(get_settings().database_url)
+    console.print(f"database at {redact(get_settings().database_url)} is up to date")
+
+
+@keys_app.command("create")
+def keys_create(tenant: str) -> None:
+    """Print a new API key for TENANT (created if new). Only its hash is stored: keep it."""
+    from core.db import session_scope, upgrade
+    from core.keys import create_key
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        key = create_key(session, tenant)
+    typer.echo(key)
+
+
+@app.command()
+def submit(manifest: Path, wait: bool = False, api_url: ApiUrl = "http://127.0.0.1:8000",
+           api_key: ApiKey = None) -> None:
+    """Submit a JSONL manifest; with --wait, show progress, then a summary."""
+    with _client(api_url, api_key) as client:
+        started = time.monotonic()
+        batch = client.submit_manifest(manifest)
+        console.print(f"batch [bold]{batch['id']}[/]: {batch['total']} items queued")
+        if wait:
+            batch = wait_with_progress(client, batch)
+            print_summary(client, batch, time.monotonic() - started)
+
+
+@app.command()
+def status(batch_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
+    """A batch's status and counts."""
+    with _client(api_url, api_key) as client:
+        console.print_json(json.dumps(client.get_batch(batch_id)))
+
+
+@app.command()
+def results(batch_id: str, out: Path = Path("results"), api_url: ApiUrl = "http://127.0.0.1:8000",
+            api_key: ApiKey = None) -> None:
+    """Download every output of a batch into OUT, named by custom_id."""
+    with _client(api_url, api_key) as client:
+        paths = client.download_results(batch_id, out)
+    console.print(f"{len(paths)} images in {out}")
+
+
+@app.command()
+def demo(out: Path = Path("demo-output"), port: int = 8000, data_dir: Path | None = None) -> None:
+    """Start the embedded stack, run a 48-item demo catalog through it, download, summarise, stop."""
+    from step1x.demo import run_demo
+
+    ok = run_demo(out, data_dir or get_settings().data_dir, port, console)
+    raise typer.Exit(0 if ok else 1)
+
+
+@models_app.command("build-tiny")
+def build_tiny(directory: Path) -> None:
+    """Build the tiny offline pipelines (random weights: they draw noise) into DIRECTORY."""
+    from models.tiny import build_tiny as build
+
+    console.print(f"tiny pipelines in {build(directory)}")
+
+
+@models_app.command("pull")
+def pull(name: str, directory: Path | None = None) -> None:
+    """Fetch and convert the weights of an upscaler profile (realesrgan-x4, waifu2x-x4)."""
+    from models.pull import pull as fetch
+
+    path = fetch(name, directory or get_settings().model_root)
+    console.print(f"{name}: {path}")
+
+
+@app.command("eval")
+def evaluate(out: Path = Path("eval-output/eval.json"), photos: int | None = None) -> None:
+    """Measure fill and 4x upscaling quality on sample photos shipped in scikit-image / scikit-learn."""
+    from models.evaluate import run_eval
+
+    run_eval(get_settings().model_root, out, photos)
+
+
+def main() -> None:
+    logging.basicConfig(level=os.environ.get("STEP1X_LOG_LEVEL", "WARNING"))
+    try:
+        app()
+    except (APIError, Step1XError) as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise SystemExit(2) from None

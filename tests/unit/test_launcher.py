@@ -1,0 +1,27 @@
+import pytest
+
+from workers.launcher import parse_gpus, worker_commands
+
+
+def test_gpu_selection():
+    assert parse_gpus("all", ["0", "1"]) == ["0", "1"]
+    assert parse_gpus("all", []) == []
+    assert parse_gpus("1", ["0", "1"]) == ["1"]
+    assert parse_gpus("cpu", ["0"]) == []
+    with pytest.raises(ValueError, match="GPU 3 not found"):
+        parse_gpus("0,3", ["0", "1"])
+
+
+def test_one_pinned_named_worker_per_gpu():
+    commands = worker_commands(["0", "1"], beat=True)
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, _, env in commands] == ["0", "1"]
+    names = [name.split("@")[0] for name, _, _ in commands]
+    assert names == ["gpu0", "gpu1"]
+    assert "--beat" in commands[0][1] and "--beat" not in commands[1][1]
+    for _, argv, _ in commands:
+        assert argv[argv.index("--concurrency") + 1] == "1"
+
+
+def test_cpu_worker_hides_gpus():
+    [(name, _, env)] = worker_commands([])
+    assert name.startswith("cpu@") and env == {"CUDA_VISIBLE_DEVICES": ""}

@@ -1,0 +1,100 @@
+import pytest
+
+from core.errors import InvalidInput
+from core.settings import Settings
+from core.specs import GenerateSpec, InpaintSpec, generation_bucket, validate_items
+
+FILE_A, FILE_B = "a" * 64, "b" * 64
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return Settings(data_dir=tmp_path)
+
+
+def errors_of(items, settings):
+    with pytest.raises(InvalidInput) as info:
+        validate_items(items, settings)
+    return {(e.item, e.field): e.message for e in info.value.errors}
+
+
+def test_valid_items_get_model_and_seed(settings):
+    specs = validate_items([
+        {"custom_id": "g", "kind": "generate", "prompt": "a mug"},
+        {"custom_id": "f", "kind": "inpaint", "mode": "fill", "image": FILE_A, "mask": FILE_B},
+        {"custom_id": "u", "kind": "upscale", "image": FILE_A, "seed": 5},
+    ], settings)
+    assert [s.model for s in specs] == ["tiny-sd", "classical-fill", "realesrgan-x4"]
+    assert all(s.seed is not None for s in specs)
+    assert specs[2].seed == 5
+
+
+def test_every_bad_item_is_named_with_its_field(settings):
+    found = errors_of([
+        {"custom_id": "ok", "kind": "generate", "prompt": "fine"},
+        {"custom_id": "steps", "kind": "generate", "prompt": "x", "steps": 0},
+        {"custom_id": "mode", "kind": "inpaint", "mode": "erase", "image": FILE_A, "mask": FILE_B},
+        {"custom_id": "text", "kind": "inpaint", "mode": "text", "image": FILE_A, "mask": FILE_B},
+        {"custom_id": "kind", "kind": "paint"},
+        {"custom_id": "model", "kind": "generate", "prompt": "x", "model": "nope"},
+        {"custom_id": "wrongtask", "kind": "generate", "prompt": "x", "model": "lanczos-x4"},
+        {"custom_id": "edges", "kind": "inpaint", "mode": "fill", "image": FILE_A, "mask": FILE_B, "edges": FILE_A},
+        {"custom_id": "canny", "kind": "inpaint", "mode": "structure", "image": FILE_A, "mask": FILE_B,
+         "canny_low": 200, "canny_high": 100},
+        {"custom_id": "fileid", "kind": "upscale", "image": "not-a-file-id"},
+        {"custom_id": "extra", "kind": "upscale", "image": FILE_A, "colour": "red"},
+    ], settings)
+    assert ("ok", "steps") not in found
+    assert set(found) == {
+        ("steps", "steps"), ("mode", "mode"), ("text", "prompt"), ("kind", "kind"), ("model", "model"),
+        ("wrongtask", "model"), ("edges", "edges"), ("canny", "canny_low"), ("fileid", "image"), ("extra", "colour"),
+    }
+    assert "text mode needs a prompt" in found[("text", "prompt")]
+    assert "unknown model 'nope'" in found[("model", "model")]
+
+
+def test_custom_ids_are_required_and_unique_in_a_batch(settings):
+    found = errors_of([
+        {"custom_id": "a", "kind": "generate", "prompt": "x"},
+        {"custom_id": "a", "kind": "generate", "prompt": "y"},
+        {"kind": "generate", "prompt": "z"},
+    ], settings)
+    assert found[("a", "custom_id")] == "appears more than once in this batch"
+    assert "needs a custom_id" in found[("#2", "custom_id")]
+
+
+def test_single_jobs_need_no_custom_id(settings):
+    [spec] = validate_items([{"kind": "generate", "prompt": "x"}], settings, require_custom_id=False)
+    assert isinstance(spec, GenerateSpec)
+
+
+def test_size_over_the_budget_is_refused(settings):
+    found = errors_of([
+        {"custom_id": "big", "kind": "generate", "prompt": "x", "width": 2048, "height": 512},
+    ], settings)
+    assert "exceeds 1024 px per side" in found[("big", "width")]
+    many = settings.model_copy(update={"models": {**settings.models}})
+    many.models["tiny-sd"] = many.models["tiny-sd"].model_copy(update={"pixel_budget": 64 * 64})
+    found = errors_of([{"custom_id": "n", "kind": "generate", "prompt": "x", "num_images": 2}], many)
+    assert "budget" in found[("n", "num_images")]
+
+
+@pytest.mark.parametrize(("size", "native", "bucket"), [
+    ((512, 512), 512, (512, 512)),
+    ((1024, 1024), 512, (512, 512)),
+    ((512, 768), 512, (448, 640)),
+    ((3000, 1000), 1024, (1792, 640)),
+    ((512, 512), 64, (64, 64)),
+    ((64, 64), 512, (64, 64)),
+])
+def test_generation_buckets_keep_aspect_within_native_area(size, native, bucket):
+    w, h = generation_bucket(*size, native)
+    assert (w, h) == bucket
+    assert w * h <= native * native * 1.15
+
+
+def test_inpaint_defaults(settings):
+    [spec] = validate_items([{"custom_id": "s", "kind": "inpaint", "mode": "structure", "image": FILE_A,
+                              "mask": FILE_B}], settings)
+    assert isinstance(spec, InpaintSpec)
+    assert (spec.canny_low, spec.canny_high, spec.model) == (100, 200, "tiny-sd-controlnet")

@@ -1,0 +1,268 @@
+"""Run one micro-batch: claim -> load inputs -> run the engine -> store outputs -> finish.
+
+No Celery here: the task in `workers.tasks` is a thin shim, and tests call `run_micro_batch`
+directly. Every step is idempotent. The claim is one conditional UPDATE, so a job already running
+under a live lease is skipped (a redelivered message never runs a job twice in parallel); outputs
+go to deterministic keys, so a re-run overwrites; the finish UPDATE is fenced on the attempt number,
+so a worker whose lease was taken over cannot overwrite the newer attempt's result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from PIL import Image
+from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy.orm import Session
+
+from core.db import session_scope
+from core.errors import Step1XError
+from core.jobs import complete_batches
+from core.settings import Settings
+from core.specs import parse_item
+from core.status import JobStatus
+from core.storage import Storage, input_key, output_key
+from core.tables import Job, utcnow
+from models.engine import Engine, ImageRequest, ImageResult
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Claimed:
+    id: str
+    tenant_id: str
+    batch_id: str | None
+    custom_id: str | None
+    model: str
+    spec: dict[str, Any]
+    attempts: int
+    created_at: Any
+
+    @property
+    def label(self) -> str:
+        return self.custom_id or self.id
+
+
+@dataclass
+class Outcome:
+    """What happened to one claimed job; becomes one row of the finishing UPDATE."""
+
+    job: Claimed
+    status: JobStatus = JobStatus.SUCCEEDED
+    error: str | None = None
+    output_keys: list[str] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    fingerprint: str | None = None
+
+
+def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Settings) -> list[Claimed]:
+    """queued -> running for the jobs nobody else holds; also takes over running jobs whose lease
+    expired (their worker died) while attempts remain."""
+    now = utcnow()
+    claimable = or_(Job.status == JobStatus.QUEUED,
+                    and_(Job.status == JobStatus.RUNNING, Job.lease_until < now))
+    stmt = (
+        update(Job)
+        .where(Job.id.in_(list(job_ids)), claimable, Job.attempts < settings.max_attempts)
+        .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker, started_at=now,
+                lease_until=now + timedelta(seconds=settings.lease_seconds), error=None)
+        .returning(Job.id, Job.tenant_id, Job.batch_id, Job.custom_id, Job.model, Job.spec, Job.attempts,
+                   Job.created_at)
+    )
+    claimed = [Claimed(*row) for row in session.execute(stmt, execution_options={"synchronize_session": False})]
+    order = {job_id: i for i, job_id in enumerate(job_ids)}
+    return sorted(claimed, key=lambda c: order[c.id])
+
+
+def requests_for(job: Claimed, images: Callable[[str], Image.Image]) -> list[ImageRequest]:
+    """The engine requests of one job: one per output image."""
+    spec = parse_item({**job.spec, "custom_id": job.custom_id}, job.label)
+    data = spec.model_dump(exclude={"custom_id", "model", "kind", "cache", "num_images", "seed"})
+    for name in ("image", "mask", "edges"):
+        if data.get(name) is not None:
+            data[name] = images(data[name]).convert("L" if name == "mask" else "RGB")
+    count = job.spec.get("num_images", 1)
+    seed = job.spec["seed"]
+    return [ImageRequest(kind=spec.kind, seed=seed + i, label=job.label, **data) for i in range(count)]
+
+
+def fingerprint(job: Claimed, engine: Engine) -> str:
+    """Identical jobs (same spec, content-addressed inputs, seed and model weights) share one."""
+    spec = {k: v for k, v in job.spec.items() if k != "cache"}
+    blob = json.dumps([spec, engine.name, engine.model_hash], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def run_isolating(engine: Engine, requests: list[ImageRequest]) -> list[ImageResult | Exception]:
+    """Run the micro-batch in one pass; if it fails, split it to find the bad items, so one broken
+    item fails alone and the rest still succeed."""
+    try:
+        return list(engine.run(requests))
+    except Exception as exc:  # any engine failure is isolated; infrastructure errors come later
+        if len(requests) == 1:
+            log.warning("item %s failed: %s", requests[0].label, exc)
+            return [exc]
+        mid = len(requests) // 2
+        return run_isolating(engine, requests[:mid]) + run_isolating(engine, requests[mid:])
+
+
+def encode_png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class MicroBatch:
+    """One micro-batch's run through the stages, with the worker's warm engines and storage."""
+
+    def __init__(self, settings: Settings, storage: Storage, engines: Callable[[str], Engine], worker: str):
+        self.settings = settings
+        self.storage = storage
+        self.engines = engines
+        self.worker = worker
+        self._inputs: dict[str, Image.Image] = {}
+
+    def _image(self, tenant: str) -> Callable[[str], Image.Image]:
+        def load(file_id: str) -> Image.Image:
+            key = input_key(tenant, file_id)
+            if key not in self._inputs:
+                self._inputs[key] = Image.open(io.BytesIO(self.storage.get(key)))
+                self._inputs[key].load()
+            return self._inputs[key]
+        return load
+
+    def run(self, job_ids: Sequence[str]) -> list[Outcome]:
+        with session_scope(self.settings.database_url) as session:
+            claimed = claim(session, job_ids, self.worker, self.settings)
+        if not claimed:
+            return []
+        now = utcnow()
+        outcomes = [Outcome(job, timings={"queued": round((now - job.created_at).total_seconds(), 4)})
+                    for job in claimed]
+        try:
+            self._run_all(outcomes)
+        except Exception:
+            # Storage or database trouble, not the items' fault: hand the jobs back for a retry.
+            release(self.settings, claimed)
+            raise
+        return outcomes
+
+    def _run_all(self, outcomes: list[Outcome]) -> None:
+        by_model: dict[str, list[Outcome]] = {}
+        for outcome in outcomes:
+            by_model.setdefault(outcome.job.model, []).append(outcome)
+        for model, group in by_model.items():
+            self._run_group(self.engines(model), group)
+        finish(self.settings, outcomes)
+
+    def _run_group(self, engine: Engine, group: list[Outcome]) -> None:
+        pending: list[tuple[Outcome, list[ImageRequest]]] = []
+        for outcome in group:
+            job = outcome.job
+            outcome.fingerprint = fingerprint(job, engine)
+            if job.spec.get("cache", True) and self._reuse(outcome):
+                continue
+            try:
+                requests = requests_for(job, self._image(job.tenant_id))
+                engine.check_inputs(requests)
+            except Step1XError as exc:
+                outcome.status, outcome.error = JobStatus.FAILED, str(exc)
+                continue
+            except OSError as exc:  # undecodable input bytes
+                outcome.status, outcome.error = JobStatus.FAILED, f"image: cannot decode input ({exc})"
+                continue
+            pending.append((outcome, requests))
+        flat = [req for _, reqs in pending for req in reqs]
+        if not flat:
+            return
+        started = time.perf_counter()
+        results = run_isolating(engine, flat)
+        run_seconds = (time.perf_counter() - started) / len(flat)
+        uploads: list[tuple[str, Image.Image]] = []
+        cursor = 0
+        for outcome, reqs in pending:
+            mine = results[cursor:cursor + len(reqs)]
+            cursor += len(reqs)
+            failure = next((r for r in mine if isinstance(r, Exception)), None)
+            if failure is not None:
+                outcome.status, outcome.error = JobStatus.FAILED, f"{type(failure).__name__}: {failure}"
+                continue
+            job = outcome.job
+            keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(mine))]
+            uploads.extend((key, r.image) for key, r in zip(keys, mine, strict=True)
+                           if not isinstance(r, Exception))
+            first = mine[0]
+            assert isinstance(first, ImageResult)
+            outcome.output_keys = keys
+            outcome.result = {"seeds": [r.seed for r in mine if isinstance(r, ImageResult)],
+                              "model": engine.name, "model_hash": engine.model_hash, "cached": False}
+            outcome.timings["run"] = round(run_seconds * len(reqs), 4)
+        started = time.perf_counter()
+        # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            list(pool.map(lambda item: self.storage.put(item[0], encode_png(item[1]), "image/png"), uploads))
+        upload_seconds = (time.perf_counter() - started) / max(1, len(uploads))
+        for outcome, reqs in pending:
+            if outcome.status == JobStatus.SUCCEEDED:
+                outcome.timings["upload"] = round(upload_seconds * len(reqs), 4)
+
+    def _reuse(self, outcome: Outcome) -> bool:
+        """Copy the output of an earlier identical job of the same tenant instead of running again."""
+        job = outcome.job
+        with session_scope(self.settings.database_url) as session:
+            source = session.execute(
+                select(Job.output_keys, Job.result).where(
+                    Job.tenant_id == job.tenant_id, Job.fingerprint == outcome.fingerprint,
+                    Job.status == JobStatus.SUCCEEDED, Job.id != job.id,
+                ).limit(1)
+            ).first()
+        if source is None or not source.output_keys:
+            return False
+        keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(source.output_keys))]
+        for src, dst in zip(source.output_keys, keys, strict=True):
+            self.storage.copy(src, dst)
+        outcome.output_keys = keys
+        outcome.result = {**(source.result or {}), "cached": True}
+        return True
+
+
+def finish(settings: Settings, outcomes: Sequence[Outcome]) -> None:
+    """Record every outcome with one (executemany) UPDATE, fenced on status and attempt."""
+    now = utcnow()
+    rows = [{
+        "b_id": o.job.id, "b_attempt": o.job.attempts, "b_status": o.status.value, "b_error": o.error,
+        "b_keys": o.output_keys or None, "b_result": o.result or None, "b_timings": o.timings,
+        "b_fingerprint": o.fingerprint, "b_finished": now,
+    } for o in outcomes]
+    stmt = (
+        update(Job.__table__)
+        .where(Job.__table__.c.id == bindparam("b_id"), Job.__table__.c.attempts == bindparam("b_attempt"),
+               Job.__table__.c.status == JobStatus.RUNNING)
+        .values(status=bindparam("b_status"), error=bindparam("b_error"), output_keys=bindparam("b_keys"),
+                result=bindparam("b_result"), timings=bindparam("b_timings"),
+                fingerprint=bindparam("b_fingerprint"), finished_at=bindparam("b_finished"), lease_until=None)
+    )
+    with session_scope(settings.database_url) as session:
+        session.connection().execute(stmt, rows)
+        complete_batches(session, {o.job.batch_id for o in outcomes if o.job.batch_id})
+
+
+def release(settings: Settings, claimed: Sequence[Claimed]) -> None:
+    """running -> queued for jobs this attempt still holds, so a retry can claim them at once."""
+    with session_scope(settings.database_url) as session:
+        for job in claimed:
+            session.execute(
+                update(Job).where(Job.id == job.id, Job.attempts == job.attempts, Job.status == JobStatus.RUNNING)
+                .values(status=JobStatus.QUEUED, lease_until=None, worker=None)
+            )

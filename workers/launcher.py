@@ -1,0 +1,112 @@
+"""One Celery worker process per GPU, each pinned with CUDA_VISIBLE_DEVICES and named after its GPU.
+
+Each worker runs one micro-batch at a time (concurrency 1, prefetch 1): a GPU does one forward pass
+at a time anyway, and a second message waiting in a busy worker would only delay another GPU.
+Without a GPU, one CPU worker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from core.dispatch import LANES
+
+
+def detect_gpus() -> list[str]:
+    """GPU indices from nvidia-smi (no torch import: the launcher stays light)."""
+    if shutil.which("nvidia-smi") is None:
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def parse_gpus(spec: str, available: Sequence[str]) -> list[str]:
+    """'all' -> every GPU found (none: CPU); 'cpu' -> none; '0,1' -> those, which must exist."""
+    if spec == "all":
+        return list(available)
+    if spec in ("", "cpu", "none"):
+        return []
+    wanted = [part.strip() for part in spec.split(",") if part.strip()]
+    missing = [g for g in wanted if g not in available]
+    if missing:
+        found = ", ".join(available) or "none"
+        raise ValueError(f"--gpus {spec}: GPU {', '.join(missing)} not found (found: {found})")
+    return wanted
+
+
+def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", beat: bool = False
+                    ) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, argv, extra env) per worker process. `beat` embeds the periodic reconciler in the first
+    worker (one machine, no separate beat process); production runs `celery beat` once instead."""
+    host = socket.gethostname()
+    base = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency", "1",
+            "--prefetch-multiplier", "1", "-Q", ",".join(LANES), "--loglevel", loglevel]
+    if not gpus:
+        # An empty value hides every GPU, so the CPU worker never grabs one by accident.
+        commands = [(f"cpu@{host}", [*base, "-n", f"cpu@{host}"], {"CUDA_VISIBLE_DEVICES": ""})]
+    else:
+        commands = [(f"gpu{g}@{host}", [*base, "-n", f"gpu{g}@{host}"], {"CUDA_VISIBLE_DEVICES": g})
+                    for g in gpus]
+    if beat:
+        commands[0][1].append("--beat")
+    return commands
+
+
+def start_workers(gpus: Sequence[str], log_dir: Path | None = None, loglevel: str = "INFO",
+                  env: dict[str, str] | None = None, beat: bool = False) -> list[subprocess.Popen[Any]]:
+    procs = []
+    for name, argv, extra in worker_commands(gpus, loglevel, beat):
+        out: Any = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            out = (log_dir / f"worker-{name.split('@')[0]}.log").open("ab")
+        procs.append(subprocess.Popen(argv, env={**os.environ, **(env or {}), **extra},
+                                      stdout=out, stderr=subprocess.STDOUT if out else None))
+    return procs
+
+
+def stop_all(procs: Sequence[subprocess.Popen[Any]], timeout: float = 20) -> None:
+    """Warm shutdown first (Celery finishes the micro-batch in hand), then force."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def run(gpus_spec: str, loglevel: str = "INFO", beat: bool = False) -> int:
+    """Start the workers and supervise them until a signal or until one exits."""
+    gpus = parse_gpus(gpus_spec, detect_gpus())
+    procs = start_workers(gpus, loglevel=loglevel, beat=beat)
+    stopping = False
+
+    def _stop(*_: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+    finally:
+        stop_all(procs)
+    return max((p.returncode or 0) for p in procs)
