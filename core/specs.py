@@ -124,9 +124,19 @@ def _item_name(raw: Any, index: int) -> str:
 
 def validate_items(raw_items: Iterable[Any], settings: Settings, require_custom_id: bool = True) -> list[AnySpec]:
     """Parse every item, resolve its model, give it a seed; raise one InvalidInput listing every problem."""
+    specs, errors = parse_items(raw_items, settings, require_custom_id)
+    if errors:
+        raise InvalidInput(errors)
+    return specs
+
+
+def parse_items(raw_items: Iterable[Any], settings: Settings, require_custom_id: bool = True
+                ) -> tuple[list[AnySpec], list[FieldError]]:
+    """The valid specs and the errors of the others, so later checks can still report on the valid ones."""
     specs: list[AnySpec] = []
     errors: list[FieldError] = []
     seen: set[str] = set()
+    index = -1
     for index, raw in enumerate(raw_items):
         name = _item_name(raw, index)
         try:
@@ -140,15 +150,15 @@ def validate_items(raw_items: Iterable[Any], settings: Settings, require_custom_
             errors.append(FieldError("custom_id", "appears more than once in this batch", name))
         if spec.custom_id is not None:
             seen.add(spec.custom_id)
-        errors.extend(check_model(spec, settings, name))
+        model_errors = check_model(spec, settings, name)
+        errors.extend(model_errors)
         if spec.seed is None:
             spec.seed = secrets.randbelow(MAX_SEED + 1)
-        specs.append(spec)
-    if len(specs) + len({e.item for e in errors}) > settings.max_batch_items:
-        errors.append(FieldError("items", f"at most {settings.max_batch_items} items per batch"))
-    if errors:
-        raise InvalidInput(errors)
-    return specs
+        if not model_errors:
+            specs.append(spec)
+    if index + 1 > settings.max_batch_items:
+        errors.append(FieldError("items", f"{index + 1} items: at most {settings.max_batch_items} per batch"))
+    return specs, errors
 
 
 def check_model(spec: AnySpec, settings: Settings, name: str | None) -> list[FieldError]:

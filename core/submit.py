@@ -24,7 +24,7 @@ from core.db import session_scope
 from core.errors import Conflict, FieldError, InvalidInput
 from core.files import files_by_id
 from core.settings import Settings
-from core.specs import AnySpec, InpaintSpec, UpscaleSpec, input_files, validate_items
+from core.specs import AnySpec, InpaintSpec, UpscaleSpec, input_files, parse_items
 from core.tables import Batch, IdempotencyKey, Job, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,10 @@ class Accepted:
         return [dispatch.Planned(j["id"], j["group_key"], j["cost"], j["lane"]) for j in self.jobs]
 
 
-def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], settings: Settings) -> dict[str, Any]:
-    """Every referenced file exists for this tenant and sizes agree; returns the file rows by id."""
+def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], settings: Settings
+                ) -> tuple[dict[str, Any], list[FieldError]]:
+    """Every referenced file exists for this tenant and sizes agree; returns the file rows by id and
+    the problems found."""
     wanted = {fid for spec in specs for fid in input_files(spec).values()}
     files = files_by_id(session, tenant, wanted)
     errors: list[FieldError] = []
@@ -65,9 +67,7 @@ def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], setting
                 if other is not None and (other.width, other.height) != (image.width, image.height):
                     errors.append(FieldError(field, f"{field} is {other.width}x{other.height} but image is "
                                                     f"{image.width}x{image.height}: they must match", name))
-    if errors:
-        raise InvalidInput(errors)
-    return files
+    return files, errors
 
 
 def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequence[Any], *,
@@ -76,8 +76,10 @@ def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequenc
     """Validate and store; the caller commits, then calls `send`."""
     if not raw_items:
         raise InvalidInput("a batch needs at least one item", "items")
-    specs = validate_items(raw_items, settings, require_custom_id=as_batch)
-    files = check_files(session, tenant, specs, settings)
+    specs, errors = parse_items(raw_items, settings, require_custom_id=as_batch)
+    files, file_errors = check_files(session, tenant, specs, settings)
+    if errors or file_errors:
+        raise InvalidInput(errors + file_errors)
     batch = None
     if as_batch:
         batch = Batch(id=new_id("bat"), tenant_id=tenant, metadata_=metadata or {},

@@ -83,7 +83,8 @@ class Engine(ABC):
     def check_request(self, req: ImageRequest) -> list[FieldError]:
         errors = []
         if req.kind != self.task:
-            errors.append(FieldError("kind", f"model {self.name!r} does {self.task}, not {req.kind}", req.label))
+            errors.append(FieldError("kind", f"model {self.name!r} does {self.task}, not {req.kind}",
+                                     req.label))
         return errors
 
     @abstractmethod
@@ -101,16 +102,27 @@ class Engine(ABC):
 
 
 def hash_path(path: str | Path) -> str:
-    """Short content hash of a weight file or model directory (file names and bytes)."""
+    """Short content hash of a weight file or model directory (file names and bytes). Files over
+    64 MiB contribute their size and first and last MiB, so multi-GB checkpoints hash in
+    milliseconds and still change hash whenever they are replaced."""
     root = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     for file in files:
         digest.update(str(file.relative_to(root) if root.is_dir() else file.name).encode())
+        size = file.stat().st_size
         with file.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(chunk)
+            if size <= _FULL_HASH_LIMIT:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+            else:
+                digest.update(str(size).encode() + fh.read(1 << 20))
+                fh.seek(-(1 << 20), 2)
+                digest.update(fh.read())
     return digest.hexdigest()[:16]
+
+
+_FULL_HASH_LIMIT = 64 << 20
 
 
 def mask_is_empty(mask: Image.Image) -> bool:

@@ -11,7 +11,7 @@ from importlib import metadata
 
 from core.errors import ConfigError
 from core.settings import Settings
-from models.caches import LRUCache
+from models.caches import LRUCache, PromptEmbeddingCache
 from models.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ ENGINES = {
 }
 
 
-def create_engine(name: str, settings: Settings) -> Engine:
+def create_engine(name: str, settings: Settings, prompt_cache: PromptEmbeddingCache | None = None) -> Engine:
     profile = settings.models.get(name)
     if profile is None:
         raise ConfigError(f"unknown model profile {name!r}; known: {', '.join(sorted(settings.models))}")
@@ -37,7 +37,8 @@ def create_engine(name: str, settings: Settings) -> Engine:
         from models.tiny import ensure_tiny
 
         ensure_tiny(settings.model_root / "tiny")
-    engine: Engine = getattr(importlib.import_module(module), cls)(name, profile)
+    extra = {"prompt_cache": prompt_cache} if profile.engine in ("diffusers", "controlnet") else {}
+    engine: Engine = getattr(importlib.import_module(module), cls)(name, profile, **extra)
     log.info("loaded model %s (%s engine, hash %s)", name, profile.engine, engine.model_hash)
     return engine
 
@@ -48,9 +49,12 @@ class Registry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._engines: LRUCache[str, Engine] = LRUCache(settings.pipeline_cache_size)
+        # One prompt cache for all the worker's pipelines, bounded once.
+        self.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)
 
     def get(self, name: str) -> Engine:
-        return self._engines.get_or_create(name, lambda: create_engine(name, self.settings))
+        return self._engines.get_or_create(
+            name, lambda: create_engine(name, self.settings, self.prompt_cache))
 
 
 def library_versions() -> dict[str, str]:

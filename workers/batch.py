@@ -67,11 +67,13 @@ class Outcome:
 
 
 def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Settings) -> list[Claimed]:
-    """queued -> running for the jobs nobody else holds; also takes over running jobs whose lease
-    expired (their worker died) while attempts remain."""
+    """queued -> running for the jobs nobody else holds, while attempts remain. Also takes over
+    running jobs whose lease expired (their worker died), and running jobs held under this very
+    worker's name: a worker runs one micro-batch at a time, so if the message comes back to it, the
+    process that held them is gone (killed mid-batch, then the message was redelivered)."""
     now = utcnow()
-    claimable = or_(Job.status == JobStatus.QUEUED,
-                    and_(Job.status == JobStatus.RUNNING, Job.lease_until < now))
+    held_by_dead = or_(Job.lease_until < now, Job.worker == worker)
+    claimable = or_(Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, held_by_dead))
     stmt = (
         update(Job)
         .where(Job.id.in_(list(job_ids)), claimable, Job.attempts < settings.max_attempts)

@@ -1,0 +1,49 @@
+"""Which device and number format a model profile runs with.
+
+Profiles say "auto" by default: the first GPU in fp16 when there is one, else the CPU in fp32. On
+the CPU fp16 is refused rather than quietly replaced: many CPU kernels lack it and the rest are
+slow, so a profile asking for it was written for a GPU and should say what it wants here.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from core.errors import ConfigError
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a profile names: "auto" (cuda:0 when present, else cpu), "cpu", "cuda", "cuda:N"."""
+    name = name.strip().lower()
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    match = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if match is None:
+        raise ConfigError(f"device {name!r} is not one of: auto, cpu, cuda, cuda:N")
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        seen = f"{count} CUDA device(s) are visible" if count else "no CUDA device is visible"
+        raise ConfigError(f"device {name!r} is not available: {seen} (check CUDA_VISIBLE_DEVICES and the "
+                          "torch build), or set the profile's device to auto or cpu")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype for a profile's `precision` on that device: "auto" is fp16 on CUDA, fp32 on the CPU."""
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if precision not in _DTYPES:
+        raise ConfigError(f"precision {precision!r} is not one of: auto, fp32, fp16, bf16")
+    if precision == "fp16" and device.type == "cpu":
+        raise ConfigError("precision fp16 is for CUDA devices; on the CPU use fp32 (fastest here) or bf16, "
+                          "or auto")
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16 support: use fp16 or auto")
+    return _DTYPES[precision]

@@ -1,0 +1,123 @@
+"""The whole stack in processes: the API served by uvicorn, real Celery workers, real PostgreSQL,
+Redis and SeaweedFS. A batch goes in over HTTP; every output must come out in S3."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+from PIL import Image
+
+from core.db import session_scope
+from core.keys import create_key
+from core.services import free_port
+from core.storage import Storage
+from step1x.client import Client
+from tests.integration.helpers import mask_png, png
+from workers.launcher import start_workers, stop_all
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def stack(settings, tmp_path) -> Iterator[Client]:
+    """API + one CPU worker (with the reconciler embedded), configured through the environment the
+    `settings` fixture set."""
+    port = free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = {**os.environ, "STEP1X_LEASE_SECONDS": "8", "STEP1X_RECONCILE_INTERVAL": "1",
+           "STEP1X_REDISPATCH_AFTER": "5"}
+    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--port", str(port),
+                            "--log-level", "warning"], env=env, stdout=(logs / "api.log").open("wb"),
+                           stderr=subprocess.STDOUT)
+    workers = start_workers([], logs, env={k: v for k, v in env.items() if k.startswith("STEP1X_")}, beat=True)
+    with session_scope(settings.database_url) as session:
+        key = create_key(session, "e2e")
+    client = Client(f"http://127.0.0.1:{port}", key, timeout=30)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if client.http.get("/readyz").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert api.poll() is None, (logs / "api.log").read_text()
+            assert time.monotonic() < deadline, "API not ready"
+            time.sleep(0.2)
+        client.workers = workers  # type: ignore[attr-defined]
+        client.logs = logs  # type: ignore[attr-defined]
+        yield client
+    finally:
+        client.close()
+        stop_all([api, *workers])
+
+
+def catalog(folder: Path) -> Path:
+    (folder / "photo.png").write_bytes(png((120, 90), seed=1))
+    (folder / "mask.png").write_bytes(mask_png((120, 90)))
+    items: list[dict] = [{"custom_id": f"gen-{i}", "kind": "generate", "prompt": f"product {i}", "width": 96,
+                          "height": 64, "steps": 2, "seed": i} for i in range(6)]
+    items += [{"custom_id": mode, "kind": "inpaint", "mode": mode, "image": "photo.png", "mask": "mask.png",
+               "steps": 2} for mode in ("fill", "structure", "text")]
+    items[-1]["prompt"] = "a vase"
+    items.append({"custom_id": "up", "kind": "upscale", "image": "photo.png", "model": "lanczos-x4"})
+    manifest = folder / "catalog.jsonl"
+    manifest.write_text("".join(json.dumps(item) + "\n" for item in items))
+    return manifest
+
+
+def test_a_catalog_flows_through_the_whole_stack(stack, settings, tmp_path):
+    batch = stack.submit_manifest(catalog(tmp_path))
+    assert batch["total"] == 10
+    seen = []
+    done = stack.wait_batch(batch["id"], on_progress=lambda b: seen.append(b["progress"]), timeout=240)
+    assert done["status"] == "completed", stack.results(batch["id"])
+    assert done["counts"]["succeeded"] == 10 and done["progress"] == 1.0
+    assert seen == sorted(seen)  # progress never goes backwards
+    storage = Storage(settings)
+    expected = {**{f"gen-{i}": (96, 64) for i in range(6)}, "fill": (120, 90), "structure": (120, 90),
+                "text": (120, 90), "up": (480, 360)}
+    jobs = {job["custom_id"]: job for job in stack.iter_jobs(batch["id"])}
+    for custom_id, size in expected.items():
+        [output] = jobs[custom_id]["outputs"]
+        image = Image.open(io.BytesIO(storage.get(output["key"])))
+        assert (image.format, image.size) == ("PNG", size), custom_id
+        assert jobs[custom_id]["attempts"] == 1
+    paths = stack.download_results(batch["id"], tmp_path / "out")
+    assert sorted(p.name for p in paths) == sorted(f"{c}.png" for c in expected)
+
+
+def test_a_killed_worker_loses_no_job_and_duplicates_no_output(stack, settings, tmp_path):
+    items = [{"custom_id": f"slow-{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
+              "steps": 150, "seed": i} for i in range(16)]
+    batch = stack.create_batch(items)
+    # Wait for the worker to be mid-batch, then kill its pool process without warning.
+    [worker] = stack.workers
+    deadline = time.monotonic() + 60
+    while stack.get_batch(batch["id"])["counts"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    children = psutil.Process(worker.pid).children(recursive=True)
+    assert children, "prefork pool child not found"
+    for child in children:
+        os.kill(child.pid, signal.SIGKILL)
+    done = stack.wait_batch(batch["id"], timeout=240)
+    assert done["counts"]["succeeded"] == 16, stack.results(batch["id"])
+    jobs = list(stack.iter_jobs(batch["id"]))
+    assert max(job["attempts"] for job in jobs) >= 2  # the killed attempt was retried
+    keys = [out["key"] for job in jobs for out in job["outputs"]]
+    assert len(keys) == len(set(keys)) == 16
+    listed = Storage(settings).client.list_objects_v2(Bucket=settings.s3_bucket, Prefix="outputs/")
+    assert len(listed.get("Contents", [])) == 16  # deterministic keys: no duplicate objects

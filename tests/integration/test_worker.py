@@ -1,0 +1,161 @@
+"""The worker's micro-batch path (claim -> run -> store -> finish) and the reconciler, in-process,
+against real PostgreSQL, Redis and SeaweedFS."""
+
+import io
+from datetime import timedelta
+
+import httpx
+import pytest
+import redis
+from PIL import Image
+from sqlalchemy import select, update
+
+from core.db import session_scope
+from core.storage import Storage
+from core.tables import Job, utcnow
+from models.profiles import Registry
+from tests.integration.helpers import api_client, mask_png, png, upload
+from workers.batch import MicroBatch, claim, finish
+from workers.reconcile import reconcile
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def worker(settings):
+    storage = Storage(settings)
+    return MicroBatch(settings, storage, Registry(settings).get, worker="test@host")
+
+
+def jobs_of(settings, batch_id):
+    with session_scope(settings.database_url) as session:
+        return {j.custom_id: j for j in session.scalars(select(Job).where(Job.batch_id == batch_id))}
+
+
+def submit(client, items):
+    response = client.post("/v1/batches", json={"items": items})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def test_a_micro_batch_runs_stores_and_finishes(settings, worker):
+    client = api_client(settings)
+    image, mask, empty = upload(client, png((96, 64))), upload(client, mask_png()), upload(client, mask_png(empty=True))
+    batch_id = submit(client, [
+        {"custom_id": "fill", "kind": "inpaint", "mode": "fill", "image": image, "mask": mask},
+        {"custom_id": "empty", "kind": "inpaint", "mode": "fill", "image": image, "mask": empty},
+        {"custom_id": "up", "kind": "upscale", "image": image, "model": "lanczos-x4"},
+        {"custom_id": "gen", "kind": "generate", "prompt": "a mug", "width": 80, "height": 48, "steps": 2,
+         "num_images": 2},
+    ])
+    ids = [j.id for j in jobs_of(settings, batch_id).values()]
+    outcomes = worker.run(ids)
+    assert len(outcomes) == 4
+    jobs = jobs_of(settings, batch_id)
+    assert {k: j.status for k, j in jobs.items()} == {"fill": "succeeded", "empty": "failed", "up": "succeeded",
+                                                      "gen": "succeeded"}
+    assert "mask is empty" in jobs["empty"].error
+    storage = Storage(settings)
+    sizes = {"fill": (96, 64), "up": (384, 256), "gen": (80, 48)}
+    for name, size in sizes.items():
+        for key in jobs[name].output_keys:
+            assert key.startswith(f"outputs/{jobs[name].tenant_id}/{batch_id}/{jobs[name].id}")
+            decoded = Image.open(io.BytesIO(storage.get(key)))
+            assert (decoded.format, decoded.size) == ("PNG", size)
+    assert len(jobs["gen"].output_keys) == 2
+    assert jobs["gen"].result["seeds"] == [jobs["gen"].seed, jobs["gen"].seed + 1]
+    assert jobs["fill"].timings["run"] >= 0 and jobs["fill"].attempts == 1
+    batch = client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 3 and batch["progress"] == 1.0
+    results = {r["custom_id"]: r for r in (
+        __import__("json").loads(line) for line in client.get(f"/v1/batches/{batch_id}/results").text.splitlines())}
+    assert results["empty"]["status"] == "failed" and "mask is empty" in results["empty"]["error"]
+    fetched = httpx.get(results["up"]["url"])  # presigned URL, checked by the real S3 server
+    assert fetched.status_code == 200
+    assert Image.open(io.BytesIO(fetched.content)).size == (384, 256)
+
+
+def test_a_redelivered_message_does_not_run_jobs_twice(settings, worker):
+    client = api_client(settings)
+    batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png()),
+                                "model": "lanczos-x4"}])
+    [job_id] = [j.id for j in jobs_of(settings, batch_id).values()]
+    with session_scope(settings.database_url) as session:
+        assert [c.id for c in claim(session, [job_id], "first", settings)] == [job_id]
+        assert claim(session, [job_id], "first", settings)[0].attempts == 2  # its own dead attempt
+    assert worker.run([job_id]) == []  # held by another worker under a live lease: skipped
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+    [outcome] = worker.run([job_id])  # lease expired: the worker died; taken over
+    assert outcome.status == "succeeded"
+    job = jobs_of(settings, batch_id)["up"]
+    assert (job.status, job.attempts, job.worker) == ("succeeded", 3, "test@host")
+    assert worker.run([job_id]) == []  # finished jobs are never claimed again
+
+
+def test_a_stale_attempt_cannot_overwrite_a_newer_one(settings, worker):
+    client = api_client(settings)
+    batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png()),
+                                "model": "lanczos-x4"}])
+    [job_id] = [j.id for j in jobs_of(settings, batch_id).values()]
+    with session_scope(settings.database_url) as session:
+        [stale] = claim(session, [job_id], "old", settings)
+        session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+    worker.run([job_id])
+    from workers.batch import Outcome
+
+    finish(settings, [Outcome(stale, status="failed", error="late and wrong")])
+    job = jobs_of(settings, batch_id)["up"]
+    assert (job.status, job.error) == ("succeeded", None)
+
+
+def test_identical_jobs_reuse_the_stored_output(settings, worker):
+    client = api_client(settings)
+    image = upload(client, png())
+    item = {"kind": "upscale", "image": image, "model": "lanczos-x4", "seed": 1}
+    first = submit(client, [{"custom_id": "a", **item}])
+    worker.run([j.id for j in jobs_of(settings, first).values()])
+    second = submit(client, [{"custom_id": "b", **item}, {"custom_id": "c", **item, "cache": False}])
+    worker.run([j.id for j in jobs_of(settings, second).values()])
+    jobs = jobs_of(settings, second)
+    assert jobs["b"].result["cached"] is True and jobs["c"].result["cached"] is False
+    storage = Storage(settings)
+    original = storage.get(jobs_of(settings, first)["a"].output_keys[0])
+    assert storage.get(jobs["b"].output_keys[0]) == original
+    assert jobs["b"].output_keys[0] != jobs_of(settings, first)["a"].output_keys[0]
+
+
+def test_reconciler_requeues_lost_jobs_and_gives_up_after_max_attempts(settings, worker):
+    client = api_client(settings)
+    image = upload(client, png())
+    batch_id = submit(client, [{"custom_id": c, "kind": "upscale", "image": image, "model": "lanczos-x4",
+                                "cache": False} for c in ("lost", "doomed")])
+    jobs = jobs_of(settings, batch_id)
+    broker = redis.Redis.from_url(settings.redis_url)
+    broker.flushdb()  # the broker lost every message
+    past = utcnow() - timedelta(seconds=1)
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == jobs["lost"].id).values(status="running", attempts=1,
+                                                                             lease_until=past))
+        session.execute(update(Job).where(Job.id == jobs["doomed"].id).values(
+            status="running", attempts=settings.max_attempts, lease_until=past))
+    report = reconcile(settings)
+    assert report == {"requeued": 1, "failed": 1, "redispatched": 1}
+    assert broker.llen("bulk") == 1
+    jobs = jobs_of(settings, batch_id)
+    assert jobs["lost"].status == "queued"
+    assert jobs["doomed"].status == "failed" and "gave up after" in jobs["doomed"].error
+    worker.run([jobs["lost"].id])
+    assert client.get(f"/v1/batches/{batch_id}").json()["status"] == "completed"
+    assert reconcile(settings) == {"requeued": 0, "failed": 0, "redispatched": 0}
+
+
+def test_reconciler_leaves_jobs_whose_messages_are_waiting(settings):
+    client = api_client(settings)
+    batch_id = submit(client, [{"custom_id": "a", "kind": "upscale", "image": upload(client, png()),
+                                "model": "lanczos-x4"}])
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.batch_id == batch_id).values(dispatched_at=utcnow() - timedelta(days=1)))
+    assert reconcile(settings)["redispatched"] == 0  # its message is still in the queue
+    redis.Redis.from_url(settings.redis_url).delete("bulk")
+    assert reconcile(settings)["redispatched"] == 1
