@@ -91,6 +91,7 @@ def requests_for(job: Claimed, images: Callable[[str], Image.Image]) -> list[Ima
     """The engine requests of one job: one per output image."""
     spec = parse_item({**job.spec, "custom_id": job.custom_id}, job.label)
     data = spec.model_dump(exclude={"custom_id", "model", "kind", "cache", "num_images", "seed"})
+    data["prompt"] = data.get("prompt") or ""  # fill and structure modes may omit it
     for name in ("image", "mask", "edges"):
         if data.get(name) is not None:
             data[name] = images(data[name]).convert("L" if name == "mask" else "RGB")

@@ -2,6 +2,7 @@
 against real PostgreSQL, Redis and SeaweedFS."""
 
 import io
+import json
 from datetime import timedelta
 
 import httpx
@@ -11,11 +12,12 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from core.db import session_scope
+from core.status import JobStatus
 from core.storage import Storage
 from core.tables import Job, utcnow
 from models.profiles import Registry
 from tests.integration.helpers import api_client, mask_png, png, upload
-from workers.batch import MicroBatch, claim, finish
+from workers.batch import MicroBatch, Outcome, claim, finish
 from workers.reconcile import reconcile
 
 pytestmark = pytest.mark.integration
@@ -45,7 +47,7 @@ def test_a_micro_batch_runs_stores_and_finishes(settings, worker):
         {"custom_id": "fill", "kind": "inpaint", "mode": "fill", "image": image, "mask": mask},
         {"custom_id": "empty", "kind": "inpaint", "mode": "fill", "image": image, "mask": empty},
         {"custom_id": "up", "kind": "upscale", "image": image, "model": "lanczos-x4"},
-        {"custom_id": "gen", "kind": "generate", "prompt": "a mug", "width": 80, "height": 48, "steps": 2,
+        {"custom_id": "gen", "kind": "generate", "prompt": "a mug", "width": 96, "height": 72, "steps": 2,
          "num_images": 2},
     ])
     ids = [j.id for j in jobs_of(settings, batch_id).values()]
@@ -56,7 +58,7 @@ def test_a_micro_batch_runs_stores_and_finishes(settings, worker):
                                                       "gen": "succeeded"}
     assert "mask is empty" in jobs["empty"].error
     storage = Storage(settings)
-    sizes = {"fill": (96, 64), "up": (384, 256), "gen": (80, 48)}
+    sizes = {"fill": (96, 64), "up": (384, 256), "gen": (96, 72)}
     for name, size in sizes.items():
         for key in jobs[name].output_keys:
             assert key.startswith(f"outputs/{jobs[name].tenant_id}/{batch_id}/{jobs[name].id}")
@@ -67,8 +69,8 @@ def test_a_micro_batch_runs_stores_and_finishes(settings, worker):
     assert jobs["fill"].timings["run"] >= 0 and jobs["fill"].attempts == 1
     batch = client.get(f"/v1/batches/{batch_id}").json()
     assert batch["status"] == "completed" and batch["counts"]["succeeded"] == 3 and batch["progress"] == 1.0
-    results = {r["custom_id"]: r for r in (
-        __import__("json").loads(line) for line in client.get(f"/v1/batches/{batch_id}/results").text.splitlines())}
+    lines = client.get(f"/v1/batches/{batch_id}/results").text.splitlines()
+    results = {r["custom_id"]: r for r in map(json.loads, lines)}
     assert results["empty"]["status"] == "failed" and "mask is empty" in results["empty"]["error"]
     fetched = httpx.get(results["up"]["url"])  # presigned URL, checked by the real S3 server
     assert fetched.status_code == 200
@@ -102,9 +104,7 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_one(settings, worker):
         [stale] = claim(session, [job_id], "old", settings)
         session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
     worker.run([job_id])
-    from workers.batch import Outcome
-
-    finish(settings, [Outcome(stale, status="failed", error="late and wrong")])
+    finish(settings, [Outcome(stale, status=JobStatus.FAILED, error="late and wrong")])
     job = jobs_of(settings, batch_id)["up"]
     assert (job.status, job.error) == ("succeeded", None)
 
