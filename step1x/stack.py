@@ -49,9 +49,9 @@ class EmbeddedStack:
 
     def _start(self) -> None:
         base = Settings(data_dir=self.data_dir)
-        redis = start_redis(self.data_dir / "redis", free_port())
+        redis = start_redis(self.data_dir, free_port())
         self.children.append(redis)
-        s3 = start_seaweedfs(self.data_dir / "s3", base.s3_access_key, base.s3_secret_key, free_port())
+        s3 = start_seaweedfs(self.data_dir, base.s3_access_key, base.s3_secret_key, free_port())
         self.children.append(s3)
         self.env = {
             "STEP1X_DATA_DIR": str(self.data_dir),

@@ -1,0 +1,104 @@
+"""docker-compose.yml is consistent with the code: no Docker engine runs here, so check what a parser can."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from core.settings import Settings
+
+COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
+APP_SERVICES = ("api", "beat")
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    loaded = yaml.safe_load(COMPOSE.read_text())
+    return dict(loaded["services"])
+
+
+def _workers(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {name: service for name, service in services.items() if name.startswith("worker")}
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(key): str(value) for key, value in env.items()}
+
+
+def _command(service: dict[str, Any]) -> str:
+    command = service.get("command", "")
+    return " ".join(command) if isinstance(command, list) else str(command)
+
+
+def test_the_stack_has_every_service(services: dict[str, dict[str, Any]]) -> None:
+    assert {"postgres", "redis", "minio", "createbucket", *APP_SERVICES} <= set(services)
+    assert _workers(services)
+
+
+def test_every_step1x_variable_is_a_settings_field(services: dict[str, dict[str, Any]]) -> None:
+    fields = {name.upper() for name in Settings.model_fields}
+    used = {key for service in services.values() for key in _environment(service)
+            if key.startswith("STEP1X_")}
+    assert used, "the app services carry no STEP1X_ environment"
+    # STEP1X_MODELS__NAME sets a nested value of the `models` field.
+    unknown = {key for key in used if key.removeprefix("STEP1X_").split("__")[0] not in fields}
+    assert not unknown, f"not fields of core.settings.Settings: {sorted(unknown)}"
+
+
+def test_app_services_share_the_production_environment(services: dict[str, dict[str, Any]]) -> None:
+    environments = [_environment(services[name]) for name in (*APP_SERVICES, *_workers(services))]
+    assert all(env == environments[0] for env in environments)
+    assert environments[0]["STEP1X_ENVIRONMENT"] == "production"
+    assert environments[0]["STEP1X_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert "@postgres:5432/" in environments[0]["STEP1X_DATABASE_URL"]
+    assert environments[0]["STEP1X_REDIS_URL"].startswith("redis://redis:")
+    assert environments[0]["STEP1X_S3_ENDPOINT_URL"] == "http://minio:9000"
+
+
+def test_each_worker_owns_one_distinct_gpu_and_name(services: dict[str, dict[str, Any]]) -> None:
+    gpus: list[str] = []
+    names: list[str] = []
+    for name, worker in _workers(services).items():
+        [device] = worker["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia"
+        assert device["capabilities"] == ["gpu"]
+        assert len(device["device_ids"]) == 1, f"{name} must be pinned to exactly one GPU"
+        gpus.append(str(device["device_ids"][0]))
+        command = _command(worker)
+        assert command.startswith("celery -A workers.app worker")
+        assert "--concurrency 1" in command
+        node = re.search(r"-n (\S+)", command)
+        assert node, f"{name} has no Celery node name"
+        names.append(node.group(1))
+    assert len(set(gpus)) == len(gpus), f"two workers share a GPU: {gpus}"
+    assert len(set(names)) == len(names), f"two workers share a node name: {names}"
+
+
+def test_beat_runs_the_reconciler_schedule(services: dict[str, dict[str, Any]]) -> None:
+    assert _command(services["beat"]).startswith("celery -A workers.app beat")
+
+
+def test_backing_services_and_api_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:
+    for name in ("postgres", "redis", "minio", "api"):
+        assert services[name].get("healthcheck", {}).get("test"), f"{name} has no healthcheck"
+    assert "/healthz" in " ".join(services["api"]["healthcheck"]["test"])
+
+
+def test_api_waits_for_healthy_database_and_broker(services: dict[str, dict[str, Any]]) -> None:
+    depends = services["api"]["depends_on"]
+    assert depends["postgres"]["condition"] == "service_healthy"
+    assert depends["redis"]["condition"] == "service_healthy"
+    assert "api.app:create_app --factory" in _command(services["api"])
+
+
+def test_createbucket_makes_the_configured_bucket(services: dict[str, dict[str, Any]]) -> None:
+    made = re.findall(r"mc mb (?:--ignore-existing )?local/([\w.-]+)", _command(services["createbucket"]))
+    assert made == [_environment(services["api"])["STEP1X_S3_BUCKET"]]
+    assert services["createbucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
