@@ -6,7 +6,7 @@ No torch here: the API validates, stores and dispatches; workers do the compute.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     return app
 
 
-def _plain(status: int):  # type: ignore[no-untyped-def]
+def _plain(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
     async def handler(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status)
     return handler

@@ -24,7 +24,9 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.utils import logging as diffusers_logging
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers.utils import logging as transformers_logging
 
 SEED = 0
 NATIVE_SIZE = 64
@@ -40,6 +42,10 @@ _BLOCKS: dict[str, Any] = {
     "norm_num_groups": 4,
 }
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+# Saving shows a progress bar per part; a build is a fraction of a second and needs none.
+diffusers_logging.disable_progress_bar()
+transformers_logging.disable_progress_bar()
 
 
 def _byte_alphabet() -> list[str]:

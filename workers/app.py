@@ -12,5 +12,5 @@ app = app_for(settings)
 settings.data_dir.mkdir(parents=True, exist_ok=True)
 app.conf.beat_schedule_filename = str(settings.data_dir / "celerybeat-schedule")
 
-import workers.signals  # noqa: E402,F401  (registers timing/logging hooks)
+import workers.signals  # noqa: E402  (registers timing/logging hooks)
 import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)

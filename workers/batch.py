@@ -21,7 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import and_, bindparam, or_, select, update
+from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import session_scope
@@ -248,10 +248,12 @@ def finish(settings: Settings, outcomes: Sequence[Outcome]) -> None:
         "b_keys": o.output_keys or None, "b_result": o.result or None, "b_timings": o.timings,
         "b_fingerprint": o.fingerprint, "b_finished": now,
     } for o in outcomes]
+    table = Job.__table__
+    assert isinstance(table, Table)
     stmt = (
-        update(Job.__table__)
-        .where(Job.__table__.c.id == bindparam("b_id"), Job.__table__.c.attempts == bindparam("b_attempt"),
-               Job.__table__.c.status == JobStatus.RUNNING)
+        update(table)
+        .where(table.c.id == bindparam("b_id"), table.c.attempts == bindparam("b_attempt"),
+               table.c.status == JobStatus.RUNNING)
         .values(status=bindparam("b_status"), error=bindparam("b_error"), output_keys=bindparam("b_keys"),
                 result=bindparam("b_result"), timings=bindparam("b_timings"),
                 fingerprint=bindparam("b_fingerprint"), finished_at=bindparam("b_finished"), lease_until=None)

@@ -33,7 +33,7 @@ _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 def backlog(settings: Settings, lane: str) -> int:
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        return sum(int(client.llen(lane + suffix)) for suffix in _PRIORITY_SUFFIXES)  # type: ignore[arg-type]
+        return sum(int(client.llen(lane + suffix)) for suffix in _PRIORITY_SUFFIXES)
     finally:
         client.close()
 
