@@ -50,7 +50,8 @@ def plan(spec: AnySpec, settings: Settings, input_size: tuple[int, int] | None =
         return key, profile.native_size**2
     if input_size is None:
         raise ValueError("planning an upscale needs the input image's size")
-    return f"{spec.model}|upscale|x{spec.scale}", input_size[0] * input_size[1]
+    # Upscalers count the pixels they produce: that is what fills memory in a forward pass.
+    return f"{spec.model}|upscale|x{spec.scale}", input_size[0] * input_size[1] * spec.scale**2
 
 
 def cut(jobs: Iterable[Planned], settings: Settings) -> list[list[Planned]]:

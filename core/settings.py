@@ -35,7 +35,8 @@ class ModelProfile(BaseModel):
     controlnet: str | None = None
     precision: Precision = "auto"
     device: str = "auto"
-    # Pixels one forward pass may hold (width x height x images); micro-batches are cut to fit it.
+    # Pixels one forward pass may hold: width x height x images drawn (diffusion), output pixels
+    # (upscalers, which tile to fit it). Micro-batches are cut to fit it; raise it on big GPUs.
     pixel_budget: int = 8 * 512 * 512
     # Edge of the square the model works at natively (inpaint crops are resized to it).
     native_size: int = 512

@@ -172,16 +172,17 @@ def pull(name: str, directory: Path | None = None) -> None:
     """Fetch and convert the weights of an upscaler profile (realesrgan-x4, waifu2x-x4)."""
     from models.pull import pull as fetch
 
-    path = fetch(name, directory or get_settings().model_root)
+    path = fetch(name, directory or get_settings().model_root, console=console)
     console.print(f"{name}: {path}")
 
 
 @app.command("eval")
 def evaluate(out: Path = Path("eval-output/eval.json"), photos: int | None = None) -> None:
     """Measure fill and 4x upscaling quality on sample photos shipped in scikit-image / scikit-learn."""
-    from models.evaluate import run_eval
+    from models.evaluate import print_report, run_eval
 
-    run_eval(get_settings().model_root, out, photos)
+    print_report(run_eval(get_settings().model_root, out, photos, console=console), console=console)
+    console.print(f"written to {out}")
 
 
 def main() -> None:
