@@ -121,7 +121,9 @@ def _find_binary(name: str, install: str, extra_dirs: tuple[Path, ...] = ()) -> 
     return found
 
 
-def _die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+    """A Popen preexec_fn: the child gets `sig` when this process dies, even by SIGKILL, so an
+    interrupted run never leaves servers or workers behind."""
     parent = os.getpid()
 
     def preexec() -> None:
@@ -143,7 +145,7 @@ def _spawn(name: str, argv: list[str], workdir: Path, port: int, url: str,
         log.flush()
         process = subprocess.Popen(
             argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-            env=env, start_new_session=True, preexec_fn=_die_with_parent(stop_signal),
+            env=env, start_new_session=True, preexec_fn=die_with_parent(stop_signal),
             user=user.pw_uid if user else None, group=user.pw_gid if user else None,
             extra_groups=[] if user else None,
         )

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from core.errors import Step1XError
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from step1x.client import APIError, Client
 
 app = typer.Typer(help="Step1X Batch: batch image generation for e-commerce catalogs.", no_args_is_help=True)
@@ -67,18 +67,26 @@ def print_summary(client: Client, batch: dict[str, Any], seconds: float) -> None
     console.print(f"{seconds:.1f} s, {counts['succeeded'] / seconds if seconds else 0:.2f} images/s")
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 @app.command()
 def up(port: int = 8000, gpus: str = "all", data_dir: Path | None = None) -> None:
     """Run the embedded stack (SQLite, Redis, SeaweedFS S3, API, workers) until Ctrl-C."""
-    from step1x.stack import EmbeddedStack
+    from step1x.stack import EmbeddedStack, ensure_default_weights
 
-    stack = EmbeddedStack(data_dir or get_settings().data_dir, api_port=port, gpus=gpus)
+    data_dir = data_dir or get_settings().data_dir
+    ensure_default_weights(Settings(data_dir=data_dir), console)
+    stack = EmbeddedStack(data_dir, api_port=port, gpus=gpus)
     with console.status("starting Redis, S3, the API and the workers..."):
         stack.start()
     console.print(f"[green]Step1X Batch is up[/] at {stack.api_url} (OpenAPI: {stack.api_url}/docs)")
     console.print(f"development API key: [bold]{stack.api_key}[/] (also in {stack.data_dir / 'dev-key'})")
     console.print(f"logs: {stack.logs}   Ctrl-C stops everything")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # SIGINT may be ignored when started in the background; both signals stop the stack cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         while stack.alive():
             time.sleep(0.5)

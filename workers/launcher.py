@@ -7,6 +7,7 @@ Without a GPU, one CPU worker.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.dispatch import LANES
+from core.services import die_with_parent
 
 
 def detect_gpus() -> list[str]:
@@ -73,13 +75,17 @@ def start_workers(gpus: Sequence[str], log_dir: Path | None = None, loglevel: st
         if log_dir is not None:
             log_dir.mkdir(parents=True, exist_ok=True)
             out = (log_dir / f"worker-{name.split('@')[0]}.log").open("ab")
-        procs.append(subprocess.Popen(argv, env={**os.environ, **(env or {}), **extra},
-                                      stdout=out, stderr=subprocess.STDOUT if out else None))
+        # Own process group, so stopping can reach Celery's pool children too; SIGTERM (warm
+        # shutdown) if the launcher itself dies.
+        procs.append(subprocess.Popen(argv, env={**os.environ, **(env or {}), **extra}, stdout=out,
+                                      stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                      preexec_fn=die_with_parent(signal.SIGTERM)))
     return procs
 
 
 def stop_all(procs: Sequence[subprocess.Popen[Any]], timeout: float = 20) -> None:
-    """Warm shutdown first (Celery finishes the micro-batch in hand), then force."""
+    """Warm shutdown first (Celery finishes the micro-batch in hand), then force the whole process
+    group: a micro-batch cut short is redelivered and re-run, since its message was never acked."""
     for proc in procs:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -88,7 +94,8 @@ def stop_all(procs: Sequence[subprocess.Popen[Any]], timeout: float = 20) -> Non
         try:
             proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
