@@ -188,8 +188,12 @@ def pull(name: str, directory: Path | None = None) -> None:
 def evaluate(out: Path = Path("eval-output/eval.json"), photos: int | None = None) -> None:
     """Measure fill and 4x upscaling quality on sample photos shipped in scikit-image / scikit-learn."""
     from models.evaluate import print_report, run_eval
+    from models.pull import PULLABLE, pull
 
-    print_report(run_eval(get_settings().model_root, out, photos, console=console), console=console)
+    root = get_settings().model_root
+    for name in PULLABLE:  # every upscaler is measured; fetching is a no-op once they are here
+        pull(name, root, console=console)
+    print_report(run_eval(root, out, photos, console=console), console=console)
     console.print(f"written to {out}")
 
 
