@@ -122,3 +122,24 @@ def test_a_killed_worker_loses_no_job_and_duplicates_no_output(stack, settings, 
     assert len(keys) == len(set(keys)) == 16
     listed = Storage(settings).client.list_objects_v2(Bucket=settings.s3_bucket, Prefix="outputs/")
     assert len(listed.get("Contents", [])) == 16  # deterministic keys: no duplicate objects
+
+
+def test_the_cli_submits_waits_and_downloads(stack, tmp_path):
+    from typer.testing import CliRunner
+
+    from step1x.cli import app
+
+    env = {"STEP1X_API_URL": str(stack.http.base_url), "STEP1X_API_KEY": stack.http.headers["Authorization"][7:]}
+    runner = CliRunner()
+    submitted = runner.invoke(app, ["submit", str(catalog(tmp_path)), "--wait"], env=env)
+    assert submitted.exit_code == 0, submitted.output
+    assert "10 succeeded, 0 failed" in submitted.output and "images/s" in submitted.output
+    batch_id = submitted.output.split("batch ", 1)[1].split(":", 1)[0].strip()
+    fetched = runner.invoke(app, ["results", batch_id, "--out", str(tmp_path / "cli-out")], env=env)
+    assert fetched.exit_code == 0, fetched.output
+    assert len(list((tmp_path / "cli-out").glob("*.png"))) == 10
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"custom_id": "x", "kind": "generate", "prompt": "p", "steps": 0}\n')
+    rejected = runner.invoke(app, ["submit", str(bad)], env=env)
+    assert rejected.exit_code != 0
+    assert "x / steps" in str(rejected.exception) or "x / steps" in rejected.output
