@@ -29,6 +29,19 @@ def worker(settings):
     return MicroBatch(settings, storage, Registry(settings).get, worker="test@host")
 
 
+def one_upscale(settings, client):
+    """A batch of one Lanczos upscale: (batch id, job id)."""
+    batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png()),
+                                "model": "lanczos-x4"}])
+    [job_id] = [j.id for j in jobs_of(settings, batch_id).values()]
+    return batch_id, job_id
+
+
+def expire_lease(settings, job_id):
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+
+
 def jobs_of(settings, batch_id):
     with session_scope(settings.database_url) as session:
         return {j.custom_id: j for j in session.scalars(select(Job).where(Job.batch_id == batch_id))}
@@ -78,16 +91,12 @@ def test_a_micro_batch_runs_stores_and_finishes(settings, worker):
 
 
 def test_a_redelivered_message_does_not_run_jobs_twice(settings, worker):
-    client = api_client(settings)
-    batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png()),
-                                "model": "lanczos-x4"}])
-    [job_id] = [j.id for j in jobs_of(settings, batch_id).values()]
+    batch_id, job_id = one_upscale(settings, api_client(settings))
     with session_scope(settings.database_url) as session:
         assert [c.id for c in claim(session, [job_id], "first", settings)] == [job_id]
         assert claim(session, [job_id], "first", settings)[0].attempts == 2  # its own dead attempt
     assert worker.run([job_id]) == []  # held by another worker under a live lease: skipped
-    with session_scope(settings.database_url) as session:
-        session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+    expire_lease(settings, job_id)
     [outcome] = worker.run([job_id])  # lease expired: the worker died; taken over
     assert outcome.status == "succeeded"
     job = jobs_of(settings, batch_id)["up"]
@@ -96,13 +105,10 @@ def test_a_redelivered_message_does_not_run_jobs_twice(settings, worker):
 
 
 def test_a_stale_attempt_cannot_overwrite_a_newer_one(settings, worker):
-    client = api_client(settings)
-    batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png()),
-                                "model": "lanczos-x4"}])
-    [job_id] = [j.id for j in jobs_of(settings, batch_id).values()]
+    batch_id, job_id = one_upscale(settings, api_client(settings))
     with session_scope(settings.database_url) as session:
         [stale] = claim(session, [job_id], "old", settings)
-        session.execute(update(Job).where(Job.id == job_id).values(lease_until=utcnow() - timedelta(seconds=1)))
+    expire_lease(settings, job_id)
     worker.run([job_id])
     finish(settings, [Outcome(stale, status=JobStatus.FAILED, error="late and wrong")])
     job = jobs_of(settings, batch_id)["up"]
