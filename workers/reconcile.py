@@ -1,6 +1,7 @@
 """The periodic repair pass. The database is the source of truth; Redis is only transport.
 
-- A running job whose lease expired lost its worker: back to queued while attempts remain, else failed.
+- A running job whose lease expired lost its worker: back to queued and dispatched again at once
+  while attempts remain, else failed.
 - A queued job out of attempts fails with a message saying so.
 - A queued job dispatched long ago whose lane has no waiting messages lost its message (Redis
   restarted without persistence, say): it is dispatched again. Duplicate messages are harmless (the
@@ -48,13 +49,18 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
         report["failed"] = session.execute(
             update(Job).where(or_(expired, Job.status == JobStatus.QUEUED), Job.attempts >= settings.max_attempts)
             .values(status=JobStatus.FAILED, finished_at=now, lease_until=None,
-                    error=f"gave up after {settings.max_attempts} attempts: the worker was lost each time")
+                    error=f"gave up after {settings.max_attempts} attempts: each was interrupted (worker lost)")
         ).rowcount  # type: ignore[attr-defined]
-        report["requeued"] = session.execute(
-            update(Job).where(expired).values(status=JobStatus.QUEUED, lease_until=None, worker=None,
-                                              dispatched_at=None)
-        ).rowcount  # type: ignore[attr-defined]
+        requeued = [dispatch.Planned(*row) for row in session.execute(
+            update(Job).where(expired).values(status=JobStatus.QUEUED, lease_until=None, worker=None)
+            .returning(Job.id, Job.group_key, Job.cost, Job.lane)
+        )]
+        report["requeued"] = len(requeued)
         complete_batches(session, [b for b in failing if b])
+    if requeued:
+        # Their worker is gone: send them now rather than behind whatever the lane holds.
+        with session_scope(settings.database_url) as session:
+            send(session, settings, requeued)
 
     stale = now - timedelta(seconds=settings.redispatch_after)
     for lane in dispatch.LANES:
