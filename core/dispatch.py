@@ -91,6 +91,9 @@ def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: flo
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
+        # One micro-batch at a time per worker: a GPU runs one forward pass at a time anyway, and the
+        # claim relies on it (a worker seeing its own name on a running job knows that run died).
+        worker_concurrency=1,
         # Redis re-delivers unacknowledged messages after this long, crash or not.
         broker_transport_options={"visibility_timeout": visibility_timeout},
         broker_connection_retry_on_startup=True,

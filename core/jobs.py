@@ -64,8 +64,9 @@ def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
 
 def cancel_batch(session: Session, tenant: str, batch_id: str) -> int:
     batch = get_batch(session, tenant, batch_id)
-    batch.canceled = True
     canceled = _cancel(session, Job.batch_id == batch.id)
+    if canceled:  # a batch that had already finished keeps its status
+        batch.canceled = True
     complete_batches(session, [batch.id])
     return canceled
 
@@ -93,11 +94,20 @@ def iterate(session: Session, tenant: str, batch_id: str, chunk: int = 2000) -> 
         after = jobs[-1].id
 
 
+def unfinished_batches(session: Session) -> list[str]:
+    """Batches with no queued or running job that were never stamped finished (a repair pass)."""
+    pending = select(Job.id).where(Job.batch_id == Batch.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    return list(session.scalars(select(Batch.id).where(Batch.finished_at.is_(None), ~pending.exists())))
+
+
 def complete_batches(session: Session, batch_ids: Iterable[str]) -> list[str]:
     """Stamp `finished_at` on each batch whose last job just became terminal; returns those stamped.
     The stamp is a conditional UPDATE, so two workers finishing together stamp it once."""
     stamped = []
-    for batch_id in batch_ids:
+    for batch_id in sorted(batch_ids):  # sorted: two sessions lock batches in the same order
+        # Lock the batch first: two workers finishing its last jobs together would otherwise each
+        # count the other's job as still running and neither would stamp it.
+        session.execute(select(Batch.id).where(Batch.id == batch_id).with_for_update())
         pending = session.scalar(select(func.count()).where(
             Job.batch_id == batch_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
         if pending:

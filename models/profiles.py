@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from functools import cache
 from importlib import metadata
 
 from core.errors import ConfigError
@@ -57,6 +58,7 @@ class Registry:
             name, lambda: create_engine(name, self.settings, self.prompt_cache))
 
 
+@cache
 def library_versions() -> dict[str, str]:
     """Recorded with every output, so an image can be traced to the code that drew it."""
     versions = {}

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,14 +26,15 @@ from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.db import session_scope
-from core.errors import Step1XError
+from core.errors import NotFound, Step1XError
 from core.jobs import complete_batches
 from core.settings import Settings
 from core.specs import parse_item
-from core.status import JobStatus
+from core.status import JobStatus, sources_of
 from core.storage import Storage, input_key, output_key
 from core.tables import Job, utcnow
 from models.engine import Engine, ImageRequest, ImageResult
+from models.profiles import library_versions
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Setti
     process that held them is gone (killed mid-batch, then the message was redelivered)."""
     now = utcnow()
     held_by_dead = or_(Job.lease_until < now, Job.worker == worker)
-    claimable = or_(Job.status == JobStatus.QUEUED, and_(Job.status == JobStatus.RUNNING, held_by_dead))
+    claimable = or_(Job.status.in_(sources_of(JobStatus.RUNNING)),
+                    and_(Job.status == JobStatus.RUNNING, held_by_dead))
     stmt = (
         update(Job)
         .where(Job.id.in_(list(job_ids)), claimable, Job.attempts < settings.max_attempts)
@@ -154,10 +157,11 @@ class MicroBatch:
         outcomes = [Outcome(job, timings={"queued": round((now - job.created_at).total_seconds(), 4)})
                     for job in claimed]
         try:
-            self._run_all(outcomes)
-        except Exception:
+            with Heartbeat(self.settings, claimed):
+                self._run_all(outcomes)
+        except Exception as exc:
             # Storage or database trouble, not the items' fault: hand the jobs back for a retry.
-            release(self.settings, claimed)
+            release(self.settings, claimed, f"{type(exc).__name__}: {exc}")
             raise
         return outcomes
 
@@ -166,7 +170,13 @@ class MicroBatch:
         for outcome in outcomes:
             by_model.setdefault(outcome.job.model, []).append(outcome)
         for model, group in by_model.items():
-            self._run_group(self.engines(model), group)
+            try:
+                engine = self.engines(model)
+            except Step1XError as exc:  # missing weights, bad profile: retrying cannot help
+                for outcome in group:
+                    outcome.status, outcome.error = JobStatus.FAILED, f"model {model!r}: {exc}"
+                continue
+            self._run_group(engine, group)
         finish(self.settings, outcomes)
 
     def _run_group(self, engine: Engine, group: list[Outcome]) -> None:
@@ -203,13 +213,11 @@ class MicroBatch:
                 continue
             job = outcome.job
             keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(mine))]
-            uploads.extend((key, r.image) for key, r in zip(keys, mine, strict=True)
-                           if not isinstance(r, Exception))
-            first = mine[0]
-            assert isinstance(first, ImageResult)
+            images = [r for r in mine if isinstance(r, ImageResult)]  # all of them: no failure above
+            uploads.extend((key, r.image) for key, r in zip(keys, images, strict=True))
             outcome.output_keys = keys
-            outcome.result = {"seeds": [r.seed for r in mine if isinstance(r, ImageResult)],
-                              "model": engine.name, "model_hash": engine.model_hash, "cached": False}
+            outcome.result = {"seeds": [r.seed for r in images], "model": engine.name,
+                              "model_hash": engine.model_hash, "versions": library_versions(), "cached": False}
             outcome.timings["run"] = round(run_seconds * len(reqs), 4)
         started = time.perf_counter()
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
@@ -233,8 +241,11 @@ class MicroBatch:
         if source is None or not source.output_keys:
             return False
         keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(source.output_keys))]
-        for src, dst in zip(source.output_keys, keys, strict=True):
-            self.storage.copy(src, dst)
+        try:
+            for src, dst in zip(source.output_keys, keys, strict=True):
+                self.storage.copy(src, dst)
+        except NotFound:  # the earlier output was deleted from the bucket: draw it again
+            return False
         outcome.output_keys = keys
         outcome.result = {**(source.result or {}), "cached": True}
         return True
@@ -253,7 +264,7 @@ def finish(settings: Settings, outcomes: Sequence[Outcome]) -> None:
     stmt = (
         update(table)
         .where(table.c.id == bindparam("b_id"), table.c.attempts == bindparam("b_attempt"),
-               table.c.status == JobStatus.RUNNING)
+               table.c.status == JobStatus.RUNNING)  # a canceled job stays canceled
         .values(status=bindparam("b_status"), error=bindparam("b_error"), output_keys=bindparam("b_keys"),
                 result=bindparam("b_result"), timings=bindparam("b_timings"),
                 fingerprint=bindparam("b_fingerprint"), finished_at=bindparam("b_finished"), lease_until=None)
@@ -263,11 +274,49 @@ def finish(settings: Settings, outcomes: Sequence[Outcome]) -> None:
         complete_batches(session, {o.job.batch_id for o in outcomes if o.job.batch_id})
 
 
-def release(settings: Settings, claimed: Sequence[Claimed]) -> None:
-    """running -> queued for jobs this attempt still holds, so a retry can claim them at once."""
+def release(settings: Settings, claimed: Sequence[Claimed], error: str) -> None:
+    """Hand back the jobs this attempt still holds: queued for a retry while attempts remain,
+    failed with the error otherwise."""
     with session_scope(settings.database_url) as session:
         for job in claimed:
+            last = job.attempts >= settings.max_attempts
             session.execute(
-                update(Job).where(Job.id == job.id, Job.attempts == job.attempts, Job.status == JobStatus.RUNNING)
-                .values(status=JobStatus.QUEUED, lease_until=None, worker=None)
+                update(Job).where(Job.id == job.id, Job.attempts == job.attempts,
+                                  Job.status.in_(sources_of(JobStatus.QUEUED)))
+                .values(status=JobStatus.FAILED if last else JobStatus.QUEUED, lease_until=None, worker=None,
+                        error=f"gave up after {job.attempts} attempts: {error}" if last else error,
+                        finished_at=utcnow() if last else None)
             )
+        complete_batches(session, {job.batch_id for job in claimed if job.batch_id})
+
+
+class Heartbeat:
+    """Extends the micro-batch's leases while it runs, so a long run is not mistaken for a dead
+    worker and handed to another one. Renewal is fenced like finishing: only this attempt's rows."""
+
+    def __init__(self, settings: Settings, claimed: Sequence[Claimed]) -> None:
+        self.settings = settings
+        self.claimed = claimed
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        seconds = self.settings.lease_seconds
+        while not self._stop.wait(seconds / 3):
+            try:
+                with session_scope(self.settings.database_url) as session:
+                    for job in self.claimed:
+                        session.execute(
+                            update(Job).where(Job.id == job.id, Job.attempts == job.attempts,
+                                              Job.status == JobStatus.RUNNING)
+                            .values(lease_until=utcnow() + timedelta(seconds=seconds)))
+            except Exception as exc:  # a missed beat only shortens the lease; the next one retries
+                log.warning("lease renewal failed: %s", exc)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()

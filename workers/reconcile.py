@@ -3,6 +3,7 @@
 - A running job whose lease expired lost its worker: back to queued and dispatched again at once
   while attempts remain, else failed.
 - A queued job out of attempts fails with a message saying so.
+- A batch whose jobs have all ended gets its `finished_at`, if nothing stamped it yet.
 - A queued job dispatched long ago whose lane has no waiting messages lost its message (Redis
   restarted without persistence, say): it is dispatched again. Duplicate messages are harmless (the
   claim skips jobs already taken), but checking the backlog keeps a long catalog from being resent
@@ -19,7 +20,7 @@ from sqlalchemy import and_, or_, select, update
 
 from core import dispatch
 from core.db import session_scope
-from core.jobs import complete_batches
+from core.jobs import complete_batches, unfinished_batches
 from core.settings import Settings
 from core.status import JobStatus
 from core.submit import send
@@ -56,7 +57,8 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
             .returning(Job.id, Job.group_key, Job.cost, Job.lane)
         )]
         report["requeued"] = len(requeued)
-        complete_batches(session, [b for b in failing if b])
+        # Also repairs any batch whose last job ended without stamping it.
+        complete_batches(session, {b for b in failing if b} | set(unfinished_batches(session)))
     if requeued:
         # Their worker is gone: send them now rather than behind whatever the lane holds.
         with session_scope(settings.database_url) as session:

@@ -3,6 +3,7 @@ against real PostgreSQL, Redis and SeaweedFS."""
 
 import io
 import json
+import time
 from datetime import timedelta
 
 import httpx
@@ -14,10 +15,10 @@ from sqlalchemy import select, update
 from core.db import session_scope
 from core.status import JobStatus
 from core.storage import Storage
-from core.tables import Job, utcnow
+from core.tables import Batch, Job, utcnow
 from models.profiles import Registry
 from tests.integration.helpers import api_client, mask_png, png, upload
-from workers.batch import MicroBatch, Outcome, claim, finish
+from workers.batch import Heartbeat, MicroBatch, Outcome, claim, finish, release
 from workers.reconcile import reconcile
 
 pytestmark = pytest.mark.integration
@@ -165,3 +166,58 @@ def test_reconciler_leaves_jobs_whose_messages_are_waiting(settings):
     assert reconcile(settings)["redispatched"] == 0  # its message is still in the queue
     redis.Redis.from_url(settings.redis_url).delete("bulk")
     assert reconcile(settings)["redispatched"] == 1
+
+
+def test_a_model_that_cannot_load_fails_its_jobs_with_the_reason(settings, worker):
+    client = api_client(settings)  # realesrgan-x4 is the default upscaler; its weights are not pulled here
+    batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png())}])
+    [outcome] = worker.run([j.id for j in jobs_of(settings, batch_id).values()])
+    job = jobs_of(settings, batch_id)["up"]
+    assert (outcome.status, job.status, job.attempts) == ("failed", "failed", 1)
+    assert "step1x models pull realesrgan-x4" in job.error
+    assert client.get(f"/v1/batches/{batch_id}").json()["status"] == "failed"
+
+
+def test_release_requeues_while_attempts_remain_then_fails(settings):
+    _, job_id = one_upscale(settings, api_client(settings))
+    for attempt in range(1, settings.max_attempts + 1):
+        with session_scope(settings.database_url) as session:
+            [held] = claim(session, [job_id], f"w{attempt}", settings)
+        release(settings, [held], "S3 unreachable")
+        with session_scope(settings.database_url) as session:
+            job = session.get(Job, job_id)
+            expected = "queued" if attempt < settings.max_attempts else "failed"
+            assert (job.status, job.attempts) == (expected, attempt)
+    assert job.error == f"gave up after {settings.max_attempts} attempts: S3 unreachable"
+
+
+def test_the_heartbeat_keeps_a_long_run_leased(settings):
+    _, job_id = one_upscale(settings, api_client(settings))
+    short = settings.model_copy(update={"lease_seconds": 1})
+    with session_scope(settings.database_url) as session:
+        [held] = claim(session, [job_id], "slow", short)
+    with Heartbeat(short, [held]):
+        time.sleep(2.5)  # more than twice the lease
+        with session_scope(settings.database_url) as session:
+            assert session.get(Job, job_id).lease_until > utcnow()
+    with session_scope(settings.database_url) as session:
+        assert claim(session, [job_id], "other", short) == []  # still leased to "slow"
+
+
+def test_reconciler_stamps_batches_whose_last_job_ended_unnoticed(settings, worker):
+    client = api_client(settings)
+    batch_id, job_id = one_upscale(settings, client)
+    worker.run([job_id])
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Batch).where(Batch.id == batch_id).values(finished_at=None))
+    assert client.get(f"/v1/batches/{batch_id}").json()["finished_at"] is None
+    reconcile(settings)
+    assert client.get(f"/v1/batches/{batch_id}").json()["finished_at"] is not None
+
+
+def test_canceling_a_finished_batch_keeps_its_status(settings, worker):
+    client = api_client(settings)
+    batch_id, job_id = one_upscale(settings, client)
+    worker.run([job_id])
+    after = client.post(f"/v1/batches/{batch_id}/cancel").json()
+    assert (after["status"], after["counts"]["succeeded"]) == ("completed", 1)
