@@ -8,17 +8,27 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from api.routes import batches, files, health, jobs
+from api.schemas import ErrorOut
 from core.db import upgrade
-from core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from core.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceUnavailable
 from core.settings import Settings, get_settings
 from core.storage import Storage
 
 log = logging.getLogger(__name__)
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "missing, unknown or revoked API key"},
+    404: {"model": ErrorOut, "description": "no such resource for this tenant"},
+    409: {"model": ErrorOut, "description": "Idempotency-Key reused with a different body"},
+    422: {"model": ErrorOut, "description": "invalid input: `errors` names every bad item and field"},
+}
 
 
 def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
@@ -38,16 +48,28 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
                   description="Batch image generation for e-commerce catalogs: generate, inpaint, upscale.")
     app.state.settings = settings
     app.state.storage = Storage(settings)
-    for router in (health.router, files.router, jobs.router, batches.router):
-        app.include_router(router)
+    app.include_router(health.router)
+    for router in (files.router, jobs.router, batches.router):
+        app.include_router(router, responses=ERRORS)
 
     @app.exception_handler(InvalidInput)
     async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
-        return JSONResponse({"detail": str(exc), "errors": [e.as_dict() for e in exc.errors]}, status_code=422)
+        return _unprocessable(exc.errors)
+
+    @app.exception_handler(RequestValidationError)
+    async def _malformed(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own checks (query parameters, body shape) answer in the same shape as ours.
+        return _unprocessable([FieldError(".".join(str(p) for p in e["loc"] if p != "body") or "body", e["msg"])
+                               for e in exc.errors()])
 
     for error, status in ((NotFound, 404), (Conflict, 409), (ServiceUnavailable, 503)):
         app.add_exception_handler(error, _plain(status))
     return app
+
+
+def _unprocessable(errors: list[FieldError]) -> JSONResponse:
+    body = ErrorOut(detail="; ".join(str(e) for e in errors[:20]), errors=[e.as_dict() for e in errors])
+    return JSONResponse(body.model_dump(), status_code=422)
 
 
 def _plain(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Header, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from core.db import session_scope
 from core.keys import tenant_for
@@ -22,15 +23,18 @@ def storage_dep(request: Request) -> Storage:
     return storage
 
 
+# Declared as a security scheme so /docs offers "Authorize" and sends the key with every try.
+_bearer = HTTPBearer(auto_error=False, description="an API key from `step1x keys create TENANT`")
+
+
 def tenant_dep(settings: Annotated[Settings, Depends(settings_dep)],
-               authorization: Annotated[str | None, Header()] = None) -> str:
+               credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The tenant of the bearer key; every /v1 query is scoped to it."""
-    scheme, _, key = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not key:
+    if credentials is None or not credentials.credentials:
         raise HTTPException(401, "send 'Authorization: Bearer <api key>' (create one with `step1x keys create`)",
                             headers={"WWW-Authenticate": "Bearer"})
     with session_scope(settings.database_url) as session:
-        tenant = tenant_for(session, key.strip())
+        tenant = tenant_for(session, credentials.credentials.strip())
     if tenant is None:
         raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant

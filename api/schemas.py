@@ -16,6 +16,17 @@ def _z(value: datetime | None) -> str | None:
     return value.isoformat(timespec="milliseconds") + "Z" if value else None
 
 
+class FieldErrorOut(BaseModel):
+    item: str | None = Field(description="custom_id of the bad item (or #index, or null for the request)")
+    field: str
+    message: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    errors: list[FieldErrorOut] = Field(default_factory=list)
+
+
 class FileOut(BaseModel):
     id: str = Field(description="sha256 of the bytes; pass it as image, mask or edges")
     content_type: str

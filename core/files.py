@@ -7,6 +7,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidImage, NotFound
@@ -22,11 +23,13 @@ def inspect_image(data: bytes, settings: Settings, field: str = "file") -> tuple
     if not data:
         raise InvalidImage("the upload is empty", field)
     if len(data) > settings.max_upload_bytes:
-        raise InvalidImage(f"{len(data)} bytes is over the {settings.max_upload_bytes}-byte limit", field)
+        raise InvalidImage(f"the upload is over the {settings.max_upload_bytes}-byte limit", field)
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, (width, height) = img.format or "", img.size
             img.verify()  # catches truncated and corrupt files, not only wrong headers
+    except Image.DecompressionBombError:
+        raise InvalidImage(f"the image declares more than {Image.MAX_IMAGE_PIXELS} pixels", field) from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise InvalidImage(f"not a readable PNG, JPEG or WebP image ({exc})", field) from None
     if fmt not in FORMATS:
@@ -48,8 +51,11 @@ def store_file(session: Session, storage: Storage, tenant: str, data: bytes, set
     storage.put(key, data, content_type)
     row = File(tenant_id=tenant, id=file_id, content_type=content_type, width=width, height=height,
                size_bytes=len(data), storage_key=key)
-    session.add(row)
-    session.flush()
+    try:
+        with session.begin_nested():
+            session.add(row)
+    except IntegrityError:  # the same bytes uploaded concurrently: the other request's row serves
+        return get_file(session, tenant, file_id)
     return row
 
 

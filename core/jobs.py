@@ -13,6 +13,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from core.db import session_scope
 from core.errors import NotFound
 from core.status import BatchStatus, JobStatus, batch_status, sources_of
 from core.tables import Batch, Job, utcnow
@@ -83,11 +84,13 @@ def page(session: Session, tenant: str, batch_id: str, status: JobStatus | None,
     return list(session.scalars(query.order_by(Job.id).limit(limit)))
 
 
-def iterate(session: Session, tenant: str, batch_id: str, chunk: int = 2000) -> Iterator[Job]:
-    """Every job of a batch, in pages, so a 100,000-item batch streams in bounded memory."""
+def iterate(database_url: str, tenant: str, batch_id: str, chunk: int = 2000) -> Iterator[Job]:
+    """Every job of a batch, a page per short transaction, so a 100,000-item batch streams in
+    bounded memory without holding one transaction open for the whole download."""
     after = None
     while True:
-        jobs = page(session, tenant, batch_id, None, after, chunk)
+        with session_scope(database_url) as session:
+            jobs = page(session, tenant, batch_id, None, after, chunk)
         yield from jobs
         if len(jobs) < chunk:
             return

@@ -108,6 +108,7 @@ class Settings(BaseSettings):
 
     max_batch_items: int = 100_000
     max_upload_bytes: int = 40 * 1024 * 1024
+    max_manifest_bytes: int = 200 * 1024 * 1024
     max_image_side: int = 8192
 
     models_dir: Path | None = None  # default: data_dir / "models"
@@ -145,9 +146,6 @@ class Settings(BaseSettings):
     def model_root(self) -> Path:
         assert self.models_dir is not None
         return self.models_dir
-
-    def default_model(self, kind: str, mode: str | None = None) -> str:
-        return self.default_models[f"{kind}.{mode}" if kind == "inpaint" else kind]
 
 
 @lru_cache

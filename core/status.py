@@ -1,4 +1,9 @@
-"""Job and batch statuses, and the one function that owns job transitions."""
+"""Job and batch statuses, and the one table of allowed job transitions.
+
+Every status-changing UPDATE takes its WHERE clause from `sources_of`, so the database enforces the
+table: a job is only moved from a status the table allows (plus the fences on attempt and lease
+that `workers.batch` adds).
+"""
 
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ class BatchStatus(StrEnum):
     QUEUED = "queued"  # nothing has started yet
     RUNNING = "running"  # some jobs are not terminal
     COMPLETED = "completed"  # every job is terminal and at least one succeeded (or none failed)
-    FAILED = "failed"  # every job is terminal and none succeeded
+    FAILED = "failed"  # every job is terminal, at least one failed and none succeeded
     CANCELED = "canceled"  # every job is terminal and the batch was canceled
 
 
@@ -38,10 +43,6 @@ _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
 }
 
 
-class InvalidTransition(ValueError):
-    pass
-
-
 def can_transition(current: JobStatus, new: JobStatus) -> bool:
     return new in _ALLOWED[current]
 
@@ -49,11 +50,6 @@ def can_transition(current: JobStatus, new: JobStatus) -> bool:
 def sources_of(new: JobStatus) -> list[JobStatus]:
     """Statuses a job may move to `new` from: the WHERE clause of a conditional UPDATE."""
     return [s for s, targets in _ALLOWED.items() if new in targets]
-
-
-def check_transition(current: JobStatus, new: JobStatus) -> None:
-    if not can_transition(current, new):
-        raise InvalidTransition(f"a {current} job cannot become {new}")
 
 
 def batch_status(counts: Mapping[str, int], canceled: bool = False) -> BatchStatus:

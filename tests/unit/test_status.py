@@ -3,11 +3,9 @@ import pytest
 from core.status import (
     TERMINAL,
     BatchStatus,
-    InvalidTransition,
     JobStatus,
     batch_status,
     can_transition,
-    check_transition,
     sources_of,
 )
 
@@ -19,13 +17,11 @@ def test_terminal_statuses_never_move():
 
 
 def test_the_lifecycle():
-    check_transition(JobStatus.QUEUED, JobStatus.RUNNING)
-    check_transition(JobStatus.RUNNING, JobStatus.QUEUED)  # lost worker, retried
-    check_transition(JobStatus.RUNNING, JobStatus.SUCCEEDED)
-    with pytest.raises(InvalidTransition, match="a succeeded job cannot become running"):
-        check_transition(JobStatus.SUCCEEDED, JobStatus.RUNNING)
-    with pytest.raises(InvalidTransition):
-        check_transition(JobStatus.QUEUED, JobStatus.SUCCEEDED)
+    assert can_transition(JobStatus.QUEUED, JobStatus.RUNNING)
+    assert can_transition(JobStatus.RUNNING, JobStatus.QUEUED)  # lost worker, retried
+    assert can_transition(JobStatus.RUNNING, JobStatus.SUCCEEDED)
+    assert not can_transition(JobStatus.SUCCEEDED, JobStatus.RUNNING)
+    assert not can_transition(JobStatus.QUEUED, JobStatus.SUCCEEDED)  # only a run produces outputs
 
 
 def test_sources_feed_conditional_updates():
