@@ -8,6 +8,7 @@
   restarted without persistence, say): it is dispatched again. Duplicate messages are harmless (the
   claim skips jobs already taken), but checking the backlog keeps a long catalog from being resent
   while its messages are simply waiting their turn.
+- A queued job never stamped as sent (its dispatch failed part-way) is sent whatever the backlog.
 """
 
 from __future__ import annotations
@@ -65,14 +66,14 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
             send(session, settings, requeued)
 
     stale = now - timedelta(seconds=settings.redispatch_after)
+    # Never stamped as sent a minute after it was stored: its dispatch failed part-way.
+    never_sent = and_(Job.dispatched_at.is_(None), Job.created_at < now - timedelta(seconds=60))
     for lane in dispatch.LANES:
-        if backlog(settings, lane):
-            continue
+        lost = never_sent if backlog(settings, lane) else or_(never_sent, Job.dispatched_at < stale)
         with session_scope(settings.database_url) as session:
             rows = session.execute(
                 select(Job.id, Job.group_key, Job.cost, Job.lane)
-                .where(Job.status == JobStatus.QUEUED, Job.lane == lane,
-                       or_(Job.dispatched_at.is_(None), Job.dispatched_at < stale))
+                .where(Job.status == JobStatus.QUEUED, Job.lane == lane, lost)
                 .order_by(Job.created_at).limit(limit)
             ).all()
             if rows:

@@ -166,6 +166,12 @@ def test_reconciler_leaves_jobs_whose_messages_are_waiting(settings):
     assert reconcile(settings)["redispatched"] == 0  # its message is still in the queue
     redis.Redis.from_url(settings.redis_url).delete("bulk")
     assert reconcile(settings)["redispatched"] == 1
+    # A job whose dispatch never completed is sent even while the lane is busy.
+    with session_scope(settings.database_url) as session:
+        session.execute(update(Job).where(Job.batch_id == batch_id).values(
+            dispatched_at=None, created_at=utcnow() - timedelta(minutes=5)))
+    assert redis.Redis.from_url(settings.redis_url).llen("bulk") == 1
+    assert reconcile(settings)["redispatched"] == 1
 
 
 def test_a_model_that_cannot_load_fails_its_jobs_with_the_reason(settings, worker):
