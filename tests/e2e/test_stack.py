@@ -41,7 +41,8 @@ def stack(settings, tmp_path) -> Iterator[Client]:
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--port", str(port),
                             "--log-level", "warning"], env=env, stdout=(logs / "api.log").open("wb"),
                            stderr=subprocess.STDOUT)
-    workers = start_workers([], logs, env={k: v for k, v in env.items() if k.startswith("STEP1X_")}, beat=True)
+    worker_env = {k: v for k, v in env.items() if k.startswith("STEP1X_")}
+    workers = start_workers([], logs, env=worker_env, beat=True)
     with session_scope(settings.database_url) as session:
         key = create_key(session, "e2e")
     client = Client(f"http://127.0.0.1:{port}", key, timeout=30)
@@ -58,6 +59,7 @@ def stack(settings, tmp_path) -> Iterator[Client]:
             time.sleep(0.2)
         client.workers = workers  # type: ignore[attr-defined]
         client.logs = logs  # type: ignore[attr-defined]
+        client.worker_env = worker_env  # type: ignore[attr-defined]
         yield client
     finally:
         client.close()
@@ -122,6 +124,27 @@ def test_a_killed_worker_loses_no_job_and_duplicates_no_output(stack, settings, 
     assert len(keys) == len(set(keys)) == 16
     listed = Storage(settings).client.list_objects_v2(Bucket=settings.s3_bucket, Prefix="outputs/")
     assert len(listed.get("Contents", [])) == 16  # deterministic keys: no duplicate objects
+
+
+def test_a_worker_killed_whole_is_replaced_and_its_jobs_recovered(stack, settings):
+    """The worker's main process dies with its pool (a lost machine): its Redis message stays unacked
+    for the visibility timeout (an hour), so recovery falls to the lease and the reconciler."""
+    items = [{"custom_id": f"slow-{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
+              "steps": 150, "seed": i} for i in range(8)]
+    batch = stack.create_batch(items)
+    [worker] = stack.workers
+    deadline = time.monotonic() + 60
+    while stack.get_batch(batch["id"])["counts"]["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    stack.workers[:] = start_workers([], stack.logs, env=stack.worker_env, beat=True)
+    done = stack.wait_batch(batch["id"], timeout=240)
+    assert done["counts"]["succeeded"] == 8, stack.results(batch["id"])
+    jobs = list(stack.iter_jobs(batch["id"]))
+    assert max(job["attempts"] for job in jobs) == 2
+    assert all(job["attempts"] <= 2 for job in jobs)
 
 
 def test_the_cli_submits_waits_and_downloads(stack, tmp_path):
