@@ -179,3 +179,8 @@ def test_openapi_declares_bearer_auth_and_error_bodies(settings):
     create = schema["paths"]["/v1/batches"]["post"]
     assert {"401", "404", "409", "422"} <= set(create["responses"])
     assert create["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
+    spec = schema["components"]["schemas"]["JobSpec"]
+    assert sorted(spec["discriminator"]["mapping"]) == ["generate", "inpaint", "upscale"]
+    assert "prompt" in schema["components"]["schemas"]["GenerateSpec"]["properties"]
+    body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body == {"$ref": "#/components/schemas/JobSpec"}
