@@ -40,15 +40,24 @@ def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Re
 
 
 def parse_manifest(text: str) -> list[Any]:
-    """JSONL: one item per line; blank lines and lines starting with # are skipped."""
+    """JSONL: one item per line; blank lines and lines starting with # are skipped. An item that
+    cannot be named by its custom_id is named by its line."""
     items, errors = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
+        where = f"line {number}"
         try:
-            items.append(json.loads(line))
+            item = json.loads(line)
         except json.JSONDecodeError as exc:
-            errors.append(FieldError(f"line {number}", f"not valid JSON: {exc.msg}", f"line {number}"))
+            errors.append(FieldError("item", f"not valid JSON: {exc.msg}", where))
+            continue
+        if not isinstance(item, dict):
+            errors.append(FieldError("item", "must be a JSON object", where))
+        elif not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
+            errors.append(FieldError("custom_id", "every batch item needs a custom_id", where))
+        else:
+            items.append(item)
     if errors:
         raise InvalidInput(errors)
     return items

@@ -133,10 +133,11 @@ def test_manifest_upload_paging_and_cancel(settings):
     assert canceled["status"] == "canceled" and canceled["counts"]["canceled"] == 25
     assert canceled["finished_at"] is not None
     assert client.get(f"/v1/batches/{batch['id']}/jobs", params={"status": "queued"}).json()["data"] == []
-    broken = client.post("/v1/batches/manifest", content='{"custom_id": "a", "kind": "generate"\n',
-                         headers={"Content-Type": "application/x-ndjson"})
+    broken = client.post("/v1/batches/manifest", headers={"Content-Type": "application/x-ndjson"},
+                         content='# header\n{"custom_id": "a", "kind": "generate"\n[1]\n{"kind": "upscale"}\n')
     assert broken.status_code == 422
-    assert broken.json()["errors"][0]["field"] == "line 1"
+    found = [(e["item"], e["field"]) for e in broken.json()["errors"]]
+    assert found == [("line 2", "item"), ("line 3", "item"), ("line 4", "custom_id")]
 
 
 def test_readiness_checks_every_service(settings):
