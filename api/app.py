@@ -19,11 +19,13 @@ from pydantic import TypeAdapter
 
 from api.routes import batches, files, health, jobs
 from api.schemas import ErrorOut
+from core.coalesce import Coalescer
 from core.db import upgrade
 from core.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceUnavailable
 from core.settings import Settings, get_settings
 from core.specs import JobSpec
 from core.storage import Storage
+from core.submit import send_committed
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +48,17 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
             app.state.storage.ensure_bucket()
         except Exception as exc:  # not fatal: /readyz reports it until S3 is reachable
             log.warning("S3 bucket check failed: %s", exc)
+        if settings.coalesce_ms > 0:
+            app.state.coalescer = Coalescer(partial(send_committed, settings), settings.coalesce_ms / 1000)
         yield
+        if app.state.coalescer is not None:
+            app.state.coalescer.close()
 
     app = FastAPI(title="Step1X Batch", version="0.1.0", lifespan=lifespan,
                   description="Batch image generation for e-commerce catalogs: generate, inpaint, upscale.")
     app.state.settings = settings
     app.state.storage = Storage(settings)
+    app.state.coalescer = None
     app.include_router(health.router)
     for router in (files.router, jobs.router, batches.router):
         app.include_router(router, responses=ERRORS)

@@ -106,6 +106,8 @@ class Settings(BaseSettings):
     redispatch_after: int = 600
     reconcile_interval: float = 30.0
 
+    # A single interactive job waits at most this long for others to share its micro-batch (0: never).
+    coalesce_ms: int = 20
     max_batch_items: int = 100_000
     max_upload_bytes: int = 40 * 1024 * 1024
     max_manifest_bytes: int = 200 * 1024 * 1024

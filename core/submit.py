@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -136,12 +136,19 @@ def remember(session: Session, tenant: str, key: str | None, digest: str, resour
         session.add(IdempotencyKey(tenant_id=tenant, key=key, request_hash=digest, resource_id=resource_id))
 
 
+def send_committed(settings: Settings, planned: Sequence[dispatch.Planned]) -> None:
+    with session_scope(settings.database_url) as session:
+        send(session, settings, planned)
+
+
 def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: bool,
            metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
-           body: Any = None) -> tuple[str, bool]:
+           body: Any = None, dispatcher: Callable[[Sequence[dispatch.Planned]], object] | None = None
+           ) -> tuple[str, bool]:
     """Validate, store and dispatch; returns (batch or job id, whether it was created now).
 
-    With an Idempotency-Key, a repeat of the same request returns the first one's resource."""
+    With an Idempotency-Key, a repeat of the same request returns the first one's resource.
+    `dispatcher` replaces sending at once (the API's coalescer for single interactive jobs)."""
     digest = body_hash(body if body is not None else items)
     try:
         with session_scope(settings.database_url) as session:
@@ -159,8 +166,10 @@ def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: b
             raise
         return earlier, False
     try:
-        with session_scope(settings.database_url) as session:
-            send(session, settings, accepted.planned)
+        if dispatcher is not None:
+            dispatcher(accepted.planned)
+        else:
+            send_committed(settings, accepted.planned)
     except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
         log.warning("dispatch of %s failed, the reconciler will retry: %s", resource, exc)
     return resource, True

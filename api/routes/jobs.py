@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Response
+from fastapi import APIRouter, Body, Request, Response
 
 from api.deps import IdempotencyKey, SettingsDep, StorageDep, TenantDep
 from api.schemas import JobOut
@@ -22,10 +22,12 @@ EXAMPLES = {
 
 @router.post("", status_code=202, response_model=JobOut)
 def create(spec: Annotated[dict[str, Any], Body(openapi_examples=EXAMPLES)], tenant: TenantDep,
-           settings: SettingsDep, storage: StorageDep, response: Response,
+           settings: SettingsDep, storage: StorageDep, request: Request, response: Response,
            idempotency_key: IdempotencyKey = None) -> JobOut:
     """Submit one job (interactive lane). Returns at once with its id; poll GET /v1/jobs/{id}."""
-    job_id, created = submit(settings, tenant, [spec], as_batch=False, idempotency_key=idempotency_key)
+    coalescer = request.app.state.coalescer
+    job_id, created = submit(settings, tenant, [spec], as_batch=False, idempotency_key=idempotency_key,
+                             dispatcher=coalescer.add if coalescer else None)
     if not created:
         response.status_code = 200
     with session_scope(settings.database_url) as session:

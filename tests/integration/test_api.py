@@ -1,9 +1,11 @@
 """The HTTP API against real PostgreSQL, Redis and SeaweedFS."""
 
+import base64
 import hashlib
 import io
 import json
 import struct
+import time
 
 import pytest
 import redis
@@ -185,3 +187,22 @@ def test_openapi_declares_bearer_auth_and_error_bodies(settings):
     assert "prompt" in schema["components"]["schemas"]["GenerateSpec"]["properties"]
     body = schema["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert body == {"$ref": "#/components/schemas/JobSpec"}
+
+
+def test_single_jobs_submitted_together_share_one_micro_batch(settings):
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    slow = settings.model_copy(update={"coalesce_ms": 1000})
+    key = api_client(settings).headers["Authorization"]
+    with TestClient(create_app(slow, migrate=False), headers={"Authorization": key}) as client:  # runs lifespan
+        ids = [client.post("/v1/jobs", json={"kind": "generate", "prompt": f"mug {i}", "width": 64,
+                                             "height": 64}).json()["id"] for i in range(4)]
+        deadline = time.monotonic() + 5
+        while queue_length(settings, "interactive") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    message = json.loads(redis.Redis.from_url(settings.redis_url).lpop("interactive"))
+    assert sorted(json.loads(base64.b64decode(message["body"]))[0][0]) == sorted(ids)
+    assert queue_length(settings, "interactive") == 0
