@@ -102,16 +102,22 @@ def test_a_catalog_flows_through_the_whole_stack(stack, settings, tmp_path):
     assert sorted(p.name for p in paths) == sorted(f"{c}.png" for c in expected)
 
 
-def test_a_killed_worker_loses_no_job_and_duplicates_no_output(stack, settings, tmp_path):
+def slow_batch_in_flight(stack, count: int) -> tuple[dict, subprocess.Popen]:
+    """A batch of slow generate jobs (150 steps), returned once the worker is running it."""
     items = [{"custom_id": f"slow-{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
-              "steps": 150, "seed": i} for i in range(16)]
+              "steps": 150, "seed": i} for i in range(count)]
     batch = stack.create_batch(items)
-    # Wait for the worker to be mid-batch, then kill its pool process without warning.
     [worker] = stack.workers
     deadline = time.monotonic() + 60
     while stack.get_batch(batch["id"])["counts"]["running"] == 0:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    return batch, worker
+
+
+def test_a_killed_worker_loses_no_job_and_duplicates_no_output(stack, settings, tmp_path):
+    batch, worker = slow_batch_in_flight(stack, 16)
+    # Kill the pool process mid-batch without warning.
     children = psutil.Process(worker.pid).children(recursive=True)
     assert children, "prefork pool child not found"
     for child in children:
@@ -129,14 +135,7 @@ def test_a_killed_worker_loses_no_job_and_duplicates_no_output(stack, settings, 
 def test_a_worker_killed_whole_is_replaced_and_its_jobs_recovered(stack, settings):
     """The worker's main process dies with its pool (a lost machine): its Redis message stays unacked
     for the visibility timeout (an hour), so recovery falls to the lease and the reconciler."""
-    items = [{"custom_id": f"slow-{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
-              "steps": 150, "seed": i} for i in range(8)]
-    batch = stack.create_batch(items)
-    [worker] = stack.workers
-    deadline = time.monotonic() + 60
-    while stack.get_batch(batch["id"])["counts"]["running"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    batch, worker = slow_batch_in_flight(stack, 8)
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     stack.workers[:] = start_workers([], stack.logs, env=stack.worker_env, beat=True)
