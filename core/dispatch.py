@@ -94,8 +94,10 @@ def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: flo
         # One micro-batch at a time per worker: a GPU runs one forward pass at a time anyway, and the
         # claim relies on it (a worker seeing its own name on a running job knows that run died).
         worker_concurrency=1,
-        # Redis re-delivers unacknowledged messages after this long, crash or not.
-        broker_transport_options={"visibility_timeout": visibility_timeout},
+        # Redis re-delivers unacknowledged messages after this long, crash or not. "priority" reads
+        # the queues in the order the worker lists them (interactive, bulk) instead of taking turns,
+        # so a single job never waits behind a catalog.
+        broker_transport_options={"visibility_timeout": visibility_timeout, "queue_order_strategy": "priority"},
         broker_connection_retry_on_startup=True,
         task_default_queue="bulk",
         task_ignore_result=True,

@@ -165,3 +165,28 @@ def test_the_cli_submits_waits_and_downloads(stack, tmp_path):
     rejected = runner.invoke(app, ["submit", str(bad)], env=env)
     assert rejected.exit_code != 0
     assert "x / steps" in str(rejected.exception) or "x / steps" in rejected.output
+
+
+def test_interactive_jobs_go_before_a_waiting_catalog(settings, tmp_path):
+    from tests.integration.helpers import api_client
+
+    client = api_client(settings)
+    catalog = [{"custom_id": f"c{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
+                "steps": 20, "seed": i} for i in range(48)]  # three micro-batches of 16 on the bulk lane
+    batch_id = client.post("/v1/batches", json={"items": catalog}).json()["id"]
+    # Two single jobs, two messages: taking turns between lanes would run a catalog batch between them.
+    singles = [client.post("/v1/jobs", json={"kind": "generate", "prompt": f"now {i}", "width": 64, "height": 64,
+                                             "steps": 20}).json()["id"] for i in range(2)]
+    env = {k: v for k, v in os.environ.items() if k.startswith("STEP1X_")}
+    workers = start_workers([], tmp_path, env=env)  # starts only now: every message is waiting
+    try:
+        deadline = time.monotonic() + 180
+        while client.get(f"/v1/batches/{batch_id}").json()["status"] != "completed":
+            assert time.monotonic() < deadline, (tmp_path / "worker-cpu.log").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        stop_all(workers)
+    first_bulk = min(job["timings"]["started_at"] for job in
+                     client.get(f"/v1/batches/{batch_id}/jobs", params={"limit": 100}).json()["data"])
+    for single in singles:
+        assert client.get(f"/v1/jobs/{single}").json()["timings"]["started_at"] < first_bulk
