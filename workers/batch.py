@@ -1,10 +1,10 @@
 """Run one micro-batch: claim -> load inputs -> run the engine -> store outputs -> finish.
 
-No Celery here: the task in `workers.tasks` is a thin shim, and tests call `run_micro_batch`
-directly. Every step is idempotent. The claim is one conditional UPDATE, so a job already running
-under a live lease is skipped (a redelivered message never runs a job twice in parallel); outputs
-go to deterministic keys, so a re-run overwrites; the finish UPDATE is fenced on the attempt number,
-so a worker whose lease was taken over cannot overwrite the newer attempt's result.
+No Celery here: the task in `workers.tasks` is a thin shim, and tests run `MicroBatch` directly.
+Every step is idempotent. The claim is one conditional UPDATE, so a job already running under a
+live lease is skipped (a redelivered message never runs a job twice in parallel); outputs go to
+deterministic keys, so a re-run overwrites; the finish UPDATE is fenced on the attempt number, so a
+worker whose lease was taken over cannot overwrite the newer attempt's result.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from PIL import Image
@@ -48,7 +48,7 @@ class Claimed:
     model: str
     spec: dict[str, Any]
     attempts: int
-    created_at: Any
+    created_at: datetime
 
     @property
     def label(self) -> str:
