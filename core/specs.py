@@ -1,6 +1,6 @@
 """Job specs: what a user may ask for, validated with messages that name the field.
 
-A spec is one catalog item. `validate_items` checks a whole batch and reports every bad item at
+A spec is one catalog item. `parse_items` checks a whole batch and reports every bad item at
 once, so a user fixes a manifest in one round trip. Checks that need stored state (does the file
 exist, do the sizes agree) live in `core.submit`.
 """
@@ -120,14 +120,6 @@ def _item_name(raw: Any, index: int) -> str:
     if isinstance(raw, dict) and isinstance(raw.get("custom_id"), str) and raw["custom_id"]:
         return raw["custom_id"]
     return f"#{index}"
-
-
-def validate_items(raw_items: Iterable[Any], settings: Settings, require_custom_id: bool = True) -> list[AnySpec]:
-    """Parse every item, resolve its model, give it a seed; raise one InvalidInput listing every problem."""
-    specs, errors = parse_items(raw_items, settings, require_custom_id)
-    if errors:
-        raise InvalidInput(errors)
-    return specs
 
 
 def parse_items(raw_items: Iterable[Any], settings: Settings, require_custom_id: bool = True

@@ -1,6 +1,6 @@
 from core.dispatch import Planned, cut, plan
 from core.settings import Settings
-from core.specs import validate_items
+from core.specs import parse_items
 
 
 def test_compatible_jobs_share_micro_batches_that_fit_the_budget(tmp_path):
@@ -32,7 +32,7 @@ def test_a_job_over_the_budget_runs_alone(tmp_path):
 
 def test_plan_buckets_sizes_and_costs(tmp_path):
     settings = Settings(data_dir=tmp_path)
-    g1, g2, g3, inp, up = validate_items([
+    (g1, g2, g3, inp, up), errors = parse_items([
         {"custom_id": "1", "kind": "generate", "prompt": "x", "width": 512, "height": 512, "steps": 4},
         {"custom_id": "2", "kind": "generate", "prompt": "y", "width": 500, "height": 520, "steps": 4},
         {"custom_id": "3", "kind": "generate", "prompt": "y", "width": 512, "height": 512, "steps": 5,
@@ -40,6 +40,7 @@ def test_plan_buckets_sizes_and_costs(tmp_path):
         {"custom_id": "4", "kind": "inpaint", "mode": "fill", "image": "a" * 64, "mask": "b" * 64},
         {"custom_id": "5", "kind": "upscale", "image": "a" * 64},
     ], settings)
+    assert errors == []
     assert plan(g1, settings)[0] == plan(g2, settings)[0]  # nearby sizes share a bucket
     assert plan(g3, settings) == ("tiny-sd|generate|64x64|5|7.5", 2 * 64 * 64)
     assert plan(inp, settings)[1] == 512 * 512

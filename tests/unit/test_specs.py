@@ -1,8 +1,7 @@
 import pytest
 
-from core.errors import InvalidInput
 from core.settings import Settings
-from core.specs import GenerateSpec, InpaintSpec, generation_bucket, validate_items
+from core.specs import GenerateSpec, InpaintSpec, generation_bucket, parse_items
 
 FILE_A, FILE_B = "a" * 64, "b" * 64
 
@@ -12,10 +11,16 @@ def settings(tmp_path):
     return Settings(data_dir=tmp_path)
 
 
+def validate_items(items, settings, **options):
+    specs, errors = parse_items(items, settings, **options)
+    assert errors == []
+    return specs
+
+
 def errors_of(items, settings):
-    with pytest.raises(InvalidInput) as info:
-        validate_items(items, settings)
-    return {(e.item, e.field): e.message for e in info.value.errors}
+    _, errors = parse_items(items, settings)
+    assert errors
+    return {(e.item, e.field): e.message for e in errors}
 
 
 def test_valid_items_get_model_and_seed(settings):
