@@ -46,8 +46,6 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
     report = {"requeued": 0, "failed": 0, "redispatched": 0}
     with session_scope(settings.database_url) as session:
         expired = and_(Job.status == JobStatus.RUNNING, Job.lease_until < now)
-        failing = list(session.scalars(select(Job.batch_id).distinct().where(
-            or_(expired, Job.status == JobStatus.QUEUED), Job.attempts >= settings.max_attempts)))
         report["failed"] = session.execute(
             update(Job).where(or_(expired, Job.status == JobStatus.QUEUED), Job.attempts >= settings.max_attempts)
             .values(status=JobStatus.FAILED, finished_at=now, lease_until=None,
@@ -58,8 +56,8 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
             .returning(Job.id, Job.group_key, Job.cost, Job.lane)
         )]
         report["requeued"] = len(requeued)
-        # Also repairs any batch whose last job ended without stamping it.
-        complete_batches(session, {b for b in failing if b} | set(unfinished_batches(session)))
+        # Batches whose last job just failed here, and any whose last job ended without a stamp.
+        complete_batches(session, unfinished_batches(session))
     if requeued:
         # Their worker is gone: send them now rather than behind whatever the lane holds.
         with session_scope(settings.database_url) as session:
