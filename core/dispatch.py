@@ -24,6 +24,8 @@ from core.specs import AnySpec, GenerateSpec, InpaintSpec, generation_bucket
 RUN_BATCH = "step1x.run_batch"
 RECONCILE = "step1x.reconcile"
 LANES = ("interactive", "bulk")  # queue names; workers listen to interactive first
+# The light control process's queue (reconcile, webhook deliveries, URL fetches): never behind inference.
+CONTROL = "control"
 
 
 @dataclass(frozen=True)

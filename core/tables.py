@@ -134,3 +134,29 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WorkerRow(Base):
+    """One worker process, as it last reported itself. Each worker refreshes its row every few
+    seconds (`heartbeat_at`); a row whose heartbeat is old belongs to a dead worker, whose running
+    jobs the reconciler recovers, and the dashboard reads the rest."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery hostname, e.g. gpu0@host
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    device: Mapped[str] = mapped_column(String(200))  # "cpu", or the GPU's name
+    device_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)  # the GPU's total memory
+    queues: Mapped[list[str]] = mapped_column(JSON, default=list)  # what it consumes
+    profiles: Mapped[list[str]] = mapped_column(JSON, default=list)  # model profiles loaded (warm)
+    # The micro-batch in hand: {"job_ids": [...], "model": ..., "since": ISO time}; null when idle.
+    current: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    images_done: Mapped[int] = mapped_column(BigInteger, default=0)
+    rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)  # allocated by torch now
+    # Set by an operator: finish the micro-batch in hand, then take nothing more.
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)  # a clean shutdown says so
