@@ -21,7 +21,7 @@ from api.routes import batches, files, health, jobs
 from api.schemas import ErrorOut
 from core.coalesce import Coalescer
 from core.db import upgrade
-from core.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceUnavailable
+from core.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests
 from core.settings import Settings, get_settings
 from core.specs import JobSpec
 from core.storage import Storage
@@ -34,6 +34,8 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorOut, "description": "no such resource for this tenant"},
     409: {"model": ErrorOut, "description": "Idempotency-Key reused with a different body"},
     422: {"model": ErrorOut, "description": "invalid input: `errors` names every bad item and field"},
+    429: {"model": ErrorOut, "description": "the tenant's queue is full: nothing was stored; retry after "
+                                            "the Retry-After header's seconds"},
 }
 
 
@@ -72,6 +74,11 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         # FastAPI's own checks (query parameters, body shape) answer in the same shape as ours.
         return _unprocessable([FieldError(".".join(str(p) for p in e["loc"] if p != "body") or "body", e["msg"])
                                for e in exc.errors()])
+
+    @app.exception_handler(TooManyRequests)
+    async def _busy(_: Request, exc: TooManyRequests) -> JSONResponse:
+        return JSONResponse(ErrorOut(detail=str(exc)).model_dump(), status_code=429,
+                            headers={"Retry-After": str(exc.retry_after)})
 
     for error, status in ((NotFound, 404), (Conflict, 409), (ServiceUnavailable, 503)):
         app.add_exception_handler(error, _plain(status))

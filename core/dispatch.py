@@ -11,8 +11,7 @@ not import the worker package.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -56,32 +55,69 @@ def plan(spec: AnySpec, settings: Settings, input_size: tuple[int, int] | None =
     return f"{spec.model}|upscale|x{spec.scale}", input_size[0] * input_size[1] * spec.scale**2
 
 
-def cut(jobs: Iterable[Planned], settings: Settings) -> list[list[Planned]]:
+class Cutter:
+    """Cuts micro-batches as jobs arrive, so a catalog streamed in chunks never has to be held whole:
+    a micro-batch is handed out as soon as it is full, the partial ones when the stream ends.
+    Order within a group is kept, so a catalog comes out roughly in the order it went in."""
+
+    def __init__(self, settings: Settings, budgets: Mapping[str, int] | None = None) -> None:
+        self.settings = settings
+        self.budgets = budgets or {}
+        self._open: dict[tuple[str, str], tuple[list[Planned], int]] = {}
+
+    def add(self, job: Planned) -> list[Planned] | None:
+        """Adds a job; returns the micro-batch it closed, if it closed one."""
+        group = (job.lane, job.group_key)
+        current, used = self._open.get(group, ([], 0))
+        full = None
+        if current and used + job.cost > budget_for(job.group_key, self.settings, self.budgets):
+            full, current, used = current, [], 0
+        current.append(job)
+        self._open[group] = (current, used + job.cost)
+        return full
+
+    def flush(self) -> list[list[Planned]]:
+        batches = [current for current, _ in self._open.values()]
+        self._open.clear()
+        return batches
+
+
+def cut(jobs: Iterable[Planned], settings: Settings, budgets: Mapping[str, int] | None = None
+        ) -> list[list[Planned]]:
     """Group compatible jobs and cut each group into micro-batches that fit their model's pixel
-    budget. A job larger than the budget runs alone.
-    Order within a group is kept, so a catalog comes out roughly in the order it went in.
-    """
-    groups: dict[tuple[str, str], list[Planned]] = defaultdict(list)
-    for job in jobs:
-        groups[(job.lane, job.group_key)].append(job)
-    batches: list[list[Planned]] = []
-    for (_, key), members in groups.items():
-        budget = budget_for(key, settings)
-        current: list[Planned] = []
-        used = 0
-        for job in members:
-            if current and used + job.cost > budget:
-                batches.append(current)
-                current, used = [], 0
-            current.append(job)
-            used += job.cost
-        if current:
-            batches.append(current)
-    return batches
+    budget. A job larger than the budget runs alone."""
+    cutter = Cutter(settings, budgets)
+    batches = [full for job in jobs if (full := cutter.add(job)) is not None]
+    return batches + cutter.flush()
 
 
-def budget_for(group_key: str, settings: Settings) -> int:
-    return settings.models[group_key.split("|", 1)[0]].pixel_budget
+def model_of(group_key: str) -> str:
+    return group_key.split("|", 1)[0]
+
+
+def budget_for(group_key: str, settings: Settings, budgets: Mapping[str, int] | None = None) -> int:
+    """The pixel budget of a group's model: measured on the workers' device (`--calibrate`) when
+    known, else the profile's setting."""
+    model = model_of(group_key)
+    return (budgets or {}).get(model) or settings.models[model].pixel_budget
+
+
+def queue_for(lane: str, model: str) -> str:
+    """Each model has its own queue within each lane, so a micro-batch goes only to a worker that
+    serves (and keeps warm) its model."""
+    return f"{lane}.{model}"
+
+
+def worker_queues(models: Iterable[str]) -> list[str]:
+    """What a worker serving `models` consumes, in the order it reads them: every interactive queue
+    before any bulk one. The bare lane names stay last in their lane for messages sent before
+    queues were split per model."""
+    names = sorted(models)
+    return [queue for lane in LANES for queue in (*(queue_for(lane, m) for m in names), lane)]
+
+
+def lane_queues(lane: str, settings: Settings) -> list[str]:
+    return [*(queue_for(lane, m) for m in sorted(settings.models)), lane]
 
 
 @lru_cache(maxsize=4)
@@ -119,8 +155,16 @@ def app_for(settings: Settings) -> Celery:
 
 def send(batches: Sequence[Sequence[Planned]], settings: Settings) -> int:
     """One message per micro-batch, over one broker connection. Returns the number of messages."""
+    return send_ids(((queue_for(b[0].lane, model_of(b[0].group_key)), [job.id for job in b]) for b in batches),
+                    settings)
+
+
+def send_ids(messages: Iterable[tuple[str, list[str]]], settings: Settings) -> int:
+    """Send (queue, job ids) messages over one broker connection; returns how many were sent."""
     app = app_for(settings)
+    sent = 0
     with app.producer_or_acquire() as producer:
-        for batch in batches:
-            app.send_task(RUN_BATCH, args=[[job.id for job in batch]], queue=batch[0].lane, producer=producer)
-    return len(batches)
+        for queue, ids in messages:
+            app.send_task(RUN_BATCH, args=[ids], queue=queue, producer=producer)
+            sent += 1
+    return sent

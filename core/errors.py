@@ -4,6 +4,7 @@
     ├── ConfigError            settings are wrong: fix the environment / profile
     ├── InvalidInput           a request is wrong: fix the named item and field (HTTP 422)
     │   └── InvalidImage       bytes that are not a usable image, or sizes that disagree
+    ├── TooManyRequests        the tenant's backlog is full: retry after Retry-After (HTTP 429)
     ├── NotFound               no such resource for this tenant (HTTP 404, also across tenants)
     ├── Conflict               the request clashes with existing state (HTTP 409)
     ├── ServiceUnavailable     a backing service (database, Redis, S3) cannot be reached (HTTP 503)
@@ -48,6 +49,12 @@ class InvalidInput(Step1XError):
 
 class InvalidImage(InvalidInput):
     pass
+
+
+class TooManyRequests(Step1XError):
+    def __init__(self, message: str, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class NotFound(Step1XError):

@@ -10,9 +10,9 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from core import progress
 from core.db import session_scope
 from core.errors import NotFound
 from core.status import BatchStatus, JobStatus, batch_status, sources_of
@@ -40,17 +40,22 @@ def counts(session: Session, batch_id: str) -> dict[str, int]:
 
 
 def summary(session: Session, batch: Batch) -> tuple[BatchStatus, dict[str, int]]:
-    per_status = counts(session, batch.id)
+    """Status and counts from the batch row's counters: O(1) whatever the batch's size."""
+    per_status = progress.as_dict(batch)
     return batch_status(per_status, batch.canceled), per_status
 
 
 def _cancel(session: Session, *criteria: Any) -> int:
-    result = session.execute(
-        update(Job).where(*criteria, Job.status.in_(sources_of(JobStatus.CANCELED)))
-        .values(status=JobStatus.CANCELED, finished_at=utcnow(), lease_until=None)
-    )
-    assert isinstance(result, CursorResult)
-    return result.rowcount
+    canceled = 0
+    for source in sources_of(JobStatus.CANCELED):  # one UPDATE per source: the counters need it
+        rows = session.execute(
+            update(Job).where(*criteria, Job.status == source)
+            .values(status=JobStatus.CANCELED, finished_at=utcnow(), lease_until=None)
+            .returning(Job.batch_id), execution_options={"synchronize_session": False}
+        ).scalars().all()
+        progress.move_many(session, [(batch_id, source, JobStatus.CANCELED) for batch_id in rows])
+        canceled += len(rows)
+    return canceled
 
 
 def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
@@ -99,25 +104,10 @@ def iterate(database_url: str, tenant: str, batch_id: str, chunk: int = 2000) ->
 
 def unfinished_batches(session: Session) -> list[str]:
     """Batches with no queued or running job that were never stamped finished (a repair pass)."""
-    pending = select(Job.id).where(Job.batch_id == Batch.id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
-    return list(session.scalars(select(Batch.id).where(Batch.finished_at.is_(None), ~pending.exists())))
+    return list(session.scalars(select(Batch.id).where(
+        Batch.finished_at.is_(None), Batch.queued_count == 0, Batch.running_count == 0)))
 
 
 def complete_batches(session: Session, batch_ids: Iterable[str]) -> list[str]:
-    """Stamp `finished_at` on each batch whose last job just became terminal; returns those stamped.
-    The stamp is a conditional UPDATE, so two workers finishing together stamp it once."""
-    stamped = []
-    for batch_id in sorted(batch_ids):  # sorted: two sessions lock batches in the same order
-        # Lock the batch first: two workers finishing its last jobs together would otherwise each
-        # count the other's job as still running and neither would stamp it.
-        session.execute(select(Batch.id).where(Batch.id == batch_id).with_for_update())
-        pending = session.scalar(select(func.count()).where(
-            Job.batch_id == batch_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING])))
-        if pending:
-            continue
-        result = session.execute(update(Batch).where(Batch.id == batch_id, Batch.finished_at.is_(None))
-                                 .values(finished_at=utcnow()))
-        assert isinstance(result, CursorResult)
-        if result.rowcount:
-            stamped.append(batch_id)
-    return stamped
+    """Stamp `finished_at` on each batch whose last job just became terminal; returns those stamped."""
+    return progress.stamp_finished(session, batch_ids)

@@ -112,6 +112,10 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 40 * 1024 * 1024
     max_manifest_bytes: int = 200 * 1024 * 1024
     max_image_side: int = 8192
+    # Backpressure: a submission that would take a tenant past this many queued jobs is refused
+    # whole with 429 and Retry-After (0: no cap). Clients wait and retry.
+    max_queued_per_tenant: int = 1_000_000
+    backpressure_retry_after: int = 30
 
     models_dir: Path | None = None  # default: data_dir / "models"
     models: dict[str, ModelProfile] = Field(default_factory=dict)

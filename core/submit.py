@@ -1,9 +1,12 @@
 """Accept work: validate every item against stored state, store jobs in bulk, dispatch them.
 
 A request with any bad item is rejected whole, listing every bad item and field, and nothing of it
-is stored. Accepted jobs are committed before their messages are sent, so a worker never sees an
-id the database does not have; if the broker is down, the jobs stay queued and the reconciler
-dispatches them later.
+is stored (see `core.intake`: one transaction, committed after the last chunk). Accepted jobs are
+committed before their messages are sent, so a worker never sees an id the database does not have;
+if the broker is down, the jobs stay queued and the reconciler dispatches them later.
+
+A catalog is marked sent by one stamp on its batch row after its last message left, not by
+rewriting every job: `unsent` and `sent_before` are how the reconciler reads either stamp.
 """
 
 from __future__ import annotations
@@ -12,106 +15,75 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import AbstractContextManager
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core import dispatch
 from core.db import session_scope
-from core.errors import Conflict, FieldError, InvalidInput
-from core.files import files_by_id
+from core.errors import Conflict, FieldError
+from core.intake import Accepted, Intake
 from core.settings import Settings
-from core.specs import AnySpec, InpaintSpec, UpscaleSpec, input_files, parse_items
-from core.tables import Batch, IdempotencyKey, Job, new_id, utcnow
+from core.tables import Batch, IdempotencyKey, Job, utcnow
 
 log = logging.getLogger(__name__)
 
+# Items validated and stored per step: bounds the memory a catalog takes, whatever its size.
+CHUNK = 5000
 
-@dataclass
-class Accepted:
-    batch: Batch | None
-    jobs: list[dict[str, Any]]  # the inserted rows, as dicts (a catalog is not loaded as ORM objects)
-
-    @property
-    def planned(self) -> list[dispatch.Planned]:
-        return [dispatch.Planned(j["id"], j["group_key"], j["cost"], j["lane"]) for j in self.jobs]
-
-
-def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], settings: Settings
-                ) -> tuple[dict[str, Any], list[FieldError]]:
-    """Every referenced file exists for this tenant and sizes agree; returns the file rows by id and
-    the problems found."""
-    wanted = {fid for spec in specs for fid in input_files(spec).values()}
-    files = files_by_id(session, tenant, wanted)
-    errors: list[FieldError] = []
-    for index, spec in enumerate(specs):
-        name = spec.custom_id or f"#{index}"
-        refs = input_files(spec)
-        missing = [field for field, fid in refs.items() if fid not in files]
-        errors.extend(FieldError(f, f"file {refs[f]} does not exist (upload it with POST /v1/files)", name)
-                      for f in missing)
-        if missing or not isinstance(spec, InpaintSpec | UpscaleSpec):
-            continue
-        image = files[spec.image]
-        assert spec.model is not None
-        limit = settings.models[spec.model].max_size
-        if max(image.width, image.height) > limit:
-            errors.append(FieldError("image", f"{image.width}x{image.height} exceeds {limit} px per side "
-                                              f"for model {spec.model!r}", name))
-        if isinstance(spec, InpaintSpec):
-            for field in ("mask", "edges"):
-                other = files.get(refs.get(field, ""))
-                if other is not None and (other.width, other.height) != (image.width, image.height):
-                    errors.append(FieldError(field, f"{field} is {other.width}x{other.height} but image is "
-                                                    f"{image.width}x{image.height}: they must match", name))
-    return files, errors
+Dispatcher = Callable[[Sequence[dispatch.Planned]], object]
 
 
 def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequence[Any], *,
-           as_batch: bool, metadata: dict[str, Any] | None = None
-           ) -> Accepted:
-    """Validate and store; the caller commits, then calls `send`."""
-    if not raw_items:
-        raise InvalidInput("a batch needs at least one item", "items")
-    specs, errors = parse_items(raw_items, settings, require_custom_id=as_batch)
-    files, file_errors = check_files(session, tenant, specs, settings)
-    if errors or file_errors:
-        raise InvalidInput(errors + file_errors)
-    batch = None
-    if as_batch:
-        batch = Batch(id=new_id("bat"), tenant_id=tenant, metadata_=metadata or {},
-                      total=len(specs))
-        session.add(batch)
-        session.flush()
-    lane = "bulk" if as_batch else "interactive"
-    now = utcnow()
-    rows = []
-    for spec in specs:
-        image = files.get(getattr(spec, "image", None) or "")
-        key, cost = dispatch.plan(spec, settings, (image.width, image.height) if image else None)
-        assert spec.seed is not None and spec.model is not None
-        rows.append({
-            "id": new_id("job"), "tenant_id": tenant, "batch_id": batch.id if batch else None,
-            "custom_id": spec.custom_id, "kind": spec.kind, "model": spec.model, "seed": spec.seed,
-            "spec": spec.model_dump(mode="json", exclude={"custom_id"}), "lane": lane, "group_key": key,
-            "cost": cost, "status": "queued", "attempts": 0, "created_at": now,
-        })
-    for start in range(0, len(rows), 5000):
-        session.execute(insert(Job), rows[start:start + 5000])
-    return Accepted(batch, rows)
+           as_batch: bool, metadata: dict[str, Any] | None = None) -> Accepted:
+    """Validate and store items already in memory; the caller commits, then sends."""
+    intake = Intake(session, settings, tenant, as_batch=as_batch, metadata=metadata)
+    for start in range(0, len(raw_items), CHUNK):
+        intake.add(raw_items[start:start + CHUNK])
+    return intake.close()
+
+
+def unsent(older_than: datetime) -> ColumnElement[bool]:
+    """Jobs stored before `older_than` whose message never left: neither the job nor its batch
+    carries a dispatch stamp (the dispatch failed part-way, or the process died before it)."""
+    batch_sent = select(Batch.id).where(Batch.id == Job.batch_id, Batch.dispatched_at.is_not(None)).exists()
+    return and_(Job.dispatched_at.is_(None), ~batch_sent, Job.created_at < older_than)
+
+
+def sent_before(moment: datetime) -> ColumnElement[bool]:
+    """Jobs last sent before `moment`, by their own stamp (a re-send) or else their batch's."""
+    batch_sent = select(Batch.id).where(Batch.id == Job.batch_id, Batch.dispatched_at < moment).exists()
+    return or_(Job.dispatched_at < moment, and_(Job.dispatched_at.is_(None), batch_sent))
 
 
 def send(session: Session, settings: Settings, planned: Sequence[dispatch.Planned]) -> int:
-    """Dispatch micro-batches and stamp the jobs. A broker failure leaves them for the reconciler."""
-    batches = dispatch.cut(planned, settings)
-    sent = dispatch.send(batches, settings)
+    """Dispatch jobs the reconciler or the coalescer hold, and stamp each (a bounded set)."""
+    sent = dispatch.send(dispatch.cut(planned, settings), settings)
     ids = [job.id for job in planned]
     for start in range(0, len(ids), 5000):
         session.execute(update(Job).where(Job.id.in_(ids[start:start + 5000]), Job.status == "queued")
-                        .values(dispatched_at=utcnow()))
+                        .values(dispatched_at=utcnow()), execution_options={"synchronize_session": False})
+    return sent
+
+
+def send_committed(settings: Settings, planned: Sequence[dispatch.Planned]) -> None:
+    with session_scope(settings.database_url) as session:
+        send(session, settings, planned)
+
+
+def send_accepted(settings: Settings, accepted: Accepted) -> int:
+    """Send a committed submission's micro-batches, then stamp it sent: the batch row for a catalog
+    (one write, not one per job), the job itself for a single job."""
+    sent = dispatch.send_ids(accepted.messages, settings)
+    with session_scope(settings.database_url) as session:
+        if accepted.batch is not None:
+            session.execute(update(Batch).where(Batch.id == accepted.batch.id).values(dispatched_at=utcnow()))
+        else:
+            session.execute(update(Job).where(Job.id == accepted.first_id).values(dispatched_at=utcnow()))
     return sent
 
 
@@ -131,45 +103,89 @@ def replayed(session: Session, tenant: str, key: str | None, digest: str) -> str
     return row.resource_id
 
 
-def remember(session: Session, tenant: str, key: str | None, digest: str, resource_id: str) -> None:
-    if key is not None:
-        session.add(IdempotencyKey(tenant_id=tenant, key=key, request_hash=digest, resource_id=resource_id))
+class Submission:
+    """One submission fed in chunks (a streamed manifest, or items already in memory): `add` each
+    chunk, then `finish` with the request's digest. Everything happens in one transaction that only
+    `finish` commits; `abort` (or any error) rolls it back, leaving nothing stored."""
 
+    def __init__(self, settings: Settings, tenant: str, *, as_batch: bool, metadata: dict[str, Any] | None = None,
+                 idempotency_key: str | None = None) -> None:
+        self.settings, self.tenant, self.key = settings, tenant, idempotency_key
+        self._scope: AbstractContextManager[Session] = session_scope(settings.database_url)
+        self.session = self._scope.__enter__()
+        self._open = True
+        try:
+            # A replay of a stored request only needs its digest: nothing is validated or stored.
+            self.earlier = self.session.get(IdempotencyKey, (tenant, idempotency_key)) if idempotency_key else None
+            self.intake = None if self.earlier else Intake(self.session, settings, tenant, as_batch=as_batch,
+                                                           metadata=metadata)
+        except BaseException as exc:
+            self.abort(exc)
+            raise
 
-def send_committed(settings: Settings, planned: Sequence[dispatch.Planned]) -> None:
-    with session_scope(settings.database_url) as session:
-        send(session, settings, planned)
+    def add(self, items: Sequence[Any], errors: Sequence[FieldError] = ()) -> None:
+        """Validate and store a chunk; `errors` are problems found upstream (a manifest's bad lines)."""
+        if self.intake is not None:
+            try:
+                self.intake.reject(errors)
+                self.intake.add(items)
+            except BaseException as exc:
+                self.abort(exc)
+                raise
+
+    def abort(self, exc: BaseException | None = None) -> None:
+        """Roll back; safe to call again."""
+        if self._open:
+            self._open = False
+            error = exc or Exception("submission aborted")
+            self._scope.__exit__(type(error), error, None)
+
+    def _commit(self) -> None:
+        self._open = False
+        self._scope.__exit__(None, None, None)
+
+    def finish(self, digest: str, dispatcher: Dispatcher | None = None) -> tuple[str, bool]:
+        """Commit and dispatch; returns (batch or job id, whether it was created now)."""
+        if self.intake is None:
+            self._commit()
+            assert self.earlier is not None
+            if self.earlier.request_hash != digest:
+                raise Conflict(f"Idempotency-Key {self.key!r} was used with a different request body: use a new key")
+            return self.earlier.resource_id, False
+        try:
+            accepted = self.intake.close()
+            if self.key is not None:
+                self.session.add(IdempotencyKey(tenant_id=self.tenant, key=self.key, request_hash=digest,
+                                                resource_id=accepted.resource))
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+        try:
+            self._commit()
+        except IntegrityError:
+            # A concurrent request with the same key committed first: answer with its resource.
+            with session_scope(self.settings.database_url) as session:
+                earlier = replayed(session, self.tenant, self.key, digest)
+            if earlier is None:
+                raise
+            return earlier, False
+        try:
+            if dispatcher is not None:
+                dispatcher(accepted.planned)
+            else:
+                send_accepted(self.settings, accepted)
+        except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
+            log.warning("dispatch of %s failed, the reconciler will retry: %s", accepted.resource, exc)
+        return accepted.resource, True
 
 
 def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: bool,
            metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
-           body: Any = None, dispatcher: Callable[[Sequence[dispatch.Planned]], object] | None = None
-           ) -> tuple[str, bool]:
-    """Validate, store and dispatch; returns (batch or job id, whether it was created now).
-
-    With an Idempotency-Key, a repeat of the same request returns the first one's resource.
-    `dispatcher` replaces sending at once (the API's coalescer for single interactive jobs)."""
-    digest = body_hash(body if body is not None else items)
-    try:
-        with session_scope(settings.database_url) as session:
-            earlier = replayed(session, tenant, idempotency_key, digest)
-            if earlier is not None:
-                return earlier, False
-            accepted = accept(session, settings, tenant, items, as_batch=as_batch, metadata=metadata)
-            resource = accepted.batch.id if accepted.batch else accepted.jobs[0]["id"]
-            remember(session, tenant, idempotency_key, digest, resource)
-    except IntegrityError:
-        # A concurrent request with the same key committed first: answer with its resource.
-        with session_scope(settings.database_url) as session:
-            earlier = replayed(session, tenant, idempotency_key, digest)
-        if earlier is None:
-            raise
-        return earlier, False
-    try:
-        if dispatcher is not None:
-            dispatcher(accepted.planned)
-        else:
-            send_committed(settings, accepted.planned)
-    except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
-        log.warning("dispatch of %s failed, the reconciler will retry: %s", resource, exc)
-    return resource, True
+           body: Any = None, dispatcher: Dispatcher | None = None) -> tuple[str, bool]:
+    """Validate, store and dispatch items already in memory; returns (batch or job id, whether it was
+    created now). With an Idempotency-Key, a repeat of the same request returns the first one's
+    resource. `dispatcher` replaces sending at once (the API's coalescer for single interactive jobs)."""
+    submission = Submission(settings, tenant, as_batch=as_batch, metadata=metadata, idempotency_key=idempotency_key)
+    for start in range(0, len(items), CHUNK):
+        submission.add(items[start:start + CHUNK])
+    return submission.finish(body_hash(body if body is not None else items), dispatcher)

@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -36,7 +37,7 @@ def new_id(prefix: str) -> str:
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON, list[dict[str, Any]]: JSON}
 
 
 class Tenant(Base):
@@ -84,6 +85,16 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # Set once, by whoever sees the last job become terminal (a conditional UPDATE, so exactly once).
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Jobs per status, moved in the same transaction as every status change (core.progress), so
+    # reading a batch is one row and finishing a micro-batch never counts the whole batch.
+    queued_count: Mapped[int] = mapped_column(Integer, default=0)
+    running_count: Mapped[int] = mapped_column(Integer, default=0)
+    succeeded_count: Mapped[int] = mapped_column(Integer, default=0)
+    failed_count: Mapped[int] = mapped_column(Integer, default=0)
+    canceled_count: Mapped[int] = mapped_column(Integer, default=0)
+    # When every micro-batch message of the catalog was sent: one row stamped instead of every job
+    # (the reconciler reads a job as sent if it or its batch carries a stamp).
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Job(Base):
@@ -160,3 +171,20 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)  # a clean shutdown says so
+
+
+class Calibration(Base):
+    """The best micro-batch a device measured for a model profile (`step1x worker --calibrate`):
+    the planner cuts micro-batches to `pixel_budget` instead of the profile's guess."""
+
+    __tablename__ = "calibrations"
+
+    profile: Mapped[str] = mapped_column(String(100), primary_key=True)
+    device: Mapped[str] = mapped_column(String(200), primary_key=True)
+    batch_size: Mapped[int] = mapped_column(Integer)
+    pixel_budget: Mapped[int] = mapped_column(BigInteger)
+    images_per_s: Mapped[float] = mapped_column(Float)
+    # every size tried: [{"batch_size", "images_per_s", "peak_bytes"}]; oom marks the size that did not fit
+    trials: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    worker: Mapped[str] = mapped_column(String(200))
+    measured_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

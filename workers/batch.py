@@ -25,6 +25,7 @@ from PIL import Image
 from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
+from core import progress
 from core.db import session_scope
 from core.errors import NotFound, Step1XError
 from core.jobs import complete_batches
@@ -74,18 +75,24 @@ def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Setti
     worker's name: a worker runs one micro-batch at a time, so if the message comes back to it, the
     process that held them is gone (killed mid-batch, then the message was redelivered)."""
     now = utcnow()
+    values = dict(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker, started_at=now,
+                  lease_until=now + timedelta(seconds=settings.lease_seconds), error=None)
     held_by_dead = or_(Job.lease_until < now, Job.worker == worker)
-    claimable = or_(Job.status.in_(sources_of(JobStatus.RUNNING)),
-                    and_(Job.status == JobStatus.RUNNING, held_by_dead))
-    stmt = (
-        update(Job)
-        .where(Job.id.in_(list(job_ids)), claimable, Job.attempts < settings.max_attempts)
-        .values(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker, started_at=now,
-                lease_until=now + timedelta(seconds=settings.lease_seconds), error=None)
-        .returning(Job.id, Job.tenant_id, Job.batch_id, Job.custom_id, Job.model, Job.spec, Job.attempts,
-                   Job.created_at)
-    )
-    claimed = [Claimed(*row) for row in session.execute(stmt, execution_options={"synchronize_session": False})]
+    # One UPDATE per source status, so the batch counters know what moved. Take-overs first: the
+    # jobs claimed from queued below carry this worker's name and must not be taken over again.
+    claimable = [(JobStatus.RUNNING, and_(Job.status == JobStatus.RUNNING, held_by_dead))]
+    claimable += [(source, Job.status == source) for source in sources_of(JobStatus.RUNNING)]
+    claimed: list[Claimed] = []
+    for source, fence in claimable:
+        stmt = (
+            update(Job).where(Job.id.in_(list(job_ids)), fence, Job.attempts < settings.max_attempts)
+            .values(**values)
+            .returning(Job.id, Job.tenant_id, Job.batch_id, Job.custom_id, Job.model, Job.spec, Job.attempts,
+                       Job.created_at)
+        )
+        rows = [Claimed(*row) for row in session.execute(stmt, execution_options={"synchronize_session": False})]
+        progress.move_many(session, [(c.batch_id, source, JobStatus.RUNNING) for c in rows])
+        claimed.extend(rows)
     order = {job_id: i for i, job_id in enumerate(job_ids)}
     return sorted(claimed, key=lambda c: order[c.id])
 
@@ -270,7 +277,16 @@ def finish(settings: Settings, outcomes: Sequence[Outcome]) -> None:
                 fingerprint=bindparam("b_fingerprint"), finished_at=bindparam("b_finished"), lease_until=None)
     )
     with session_scope(settings.database_url) as session:
-        session.connection().execute(stmt, rows)
+        # Lock the rows this attempt still holds: the UPDATE below then changes exactly these, and
+        # the batch counters move by exactly them (a job canceled meanwhile is left alone).
+        held = {(job_id, attempt) for job_id, attempt in session.execute(
+            select(Job.id, Job.attempts).where(Job.id.in_([o.job.id for o in outcomes]),
+                                               Job.status == JobStatus.RUNNING).with_for_update())}
+        mine = [row for row, o in zip(rows, outcomes, strict=True) if (o.job.id, o.job.attempts) in held]
+        if mine:
+            session.connection().execute(stmt, mine)
+        progress.move_many(session, [(o.job.batch_id, JobStatus.RUNNING, o.status) for o in outcomes
+                                     if (o.job.id, o.job.attempts) in held])
         complete_batches(session, {o.job.batch_id for o in outcomes if o.job.batch_id})
 
 
@@ -280,13 +296,15 @@ def release(settings: Settings, claimed: Sequence[Claimed], error: str) -> None:
     with session_scope(settings.database_url) as session:
         for job in claimed:
             last = job.attempts >= settings.max_attempts
-            session.execute(
+            target = JobStatus.FAILED if last else JobStatus.QUEUED
+            result = session.execute(
                 update(Job).where(Job.id == job.id, Job.attempts == job.attempts,
                                   Job.status.in_(sources_of(JobStatus.QUEUED)))
-                .values(status=JobStatus.FAILED if last else JobStatus.QUEUED, lease_until=None, worker=None,
+                .values(status=target, lease_until=None, worker=None,
                         error=f"gave up after {job.attempts} attempts: {error}" if last else error,
                         finished_at=utcnow() if last else None)
             )
+            progress.move(session, job.batch_id, JobStatus.RUNNING, target, result.rowcount)  # type: ignore[attr-defined]
         complete_batches(session, {job.batch_id for job in claimed if job.batch_id})
 
 

@@ -19,12 +19,12 @@ from datetime import timedelta
 import redis
 from sqlalchemy import and_, or_, select, update
 
-from core import dispatch
+from core import dispatch, progress
 from core.db import session_scope
 from core.jobs import complete_batches, unfinished_batches
 from core.settings import Settings
 from core.status import JobStatus
-from core.submit import send
+from core.submit import send, sent_before, unsent
 from core.tables import Job, utcnow
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 def backlog(settings: Settings, lane: str) -> int:
     client = redis.Redis.from_url(settings.redis_url)
     try:
-        return sum(int(client.llen(lane + suffix)) for suffix in _PRIORITY_SUFFIXES)
+        return sum(int(client.llen(queue + suffix)) for queue in dispatch.lane_queues(lane, settings)
+                   for suffix in _PRIORITY_SUFFIXES)
     finally:
         client.close()
 
@@ -46,15 +47,22 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
     report = {"requeued": 0, "failed": 0, "redispatched": 0}
     with session_scope(settings.database_url) as session:
         expired = and_(Job.status == JobStatus.RUNNING, Job.lease_until < now)
-        report["failed"] = session.execute(
-            update(Job).where(or_(expired, Job.status == JobStatus.QUEUED), Job.attempts >= settings.max_attempts)
-            .values(status=JobStatus.FAILED, finished_at=now, lease_until=None,
-                    error=f"gave up after {settings.max_attempts} attempts: each was interrupted (worker lost)")
-        ).rowcount  # type: ignore[attr-defined]
-        requeued = [dispatch.Planned(*row) for row in session.execute(
+        for source, stuck in ((JobStatus.RUNNING, expired), (JobStatus.QUEUED, Job.status == JobStatus.QUEUED)):
+            failed = session.execute(
+                update(Job).where(stuck, Job.attempts >= settings.max_attempts)
+                .values(status=JobStatus.FAILED, finished_at=now, lease_until=None,
+                        error=f"gave up after {settings.max_attempts} attempts: each was interrupted (worker lost)")
+                .returning(Job.batch_id), execution_options={"synchronize_session": False}
+            ).scalars().all()
+            progress.move_many(session, [(batch_id, source, JobStatus.FAILED) for batch_id in failed])
+            report["failed"] += len(failed)
+        expired_rows = session.execute(
             update(Job).where(expired).values(status=JobStatus.QUEUED, lease_until=None, worker=None)
-            .returning(Job.id, Job.group_key, Job.cost, Job.lane)
-        )]
+            .returning(Job.id, Job.group_key, Job.cost, Job.lane, Job.batch_id),
+            execution_options={"synchronize_session": False}
+        ).all()
+        progress.move_many(session, [(row.batch_id, JobStatus.RUNNING, JobStatus.QUEUED) for row in expired_rows])
+        requeued = [dispatch.Planned(*row[:4]) for row in expired_rows]
         report["requeued"] = len(requeued)
         # Batches whose last job just failed here, and any whose last job ended without a stamp.
         complete_batches(session, unfinished_batches(session))
@@ -65,9 +73,9 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
 
     stale = now - timedelta(seconds=settings.redispatch_after)
     # Never stamped as sent a minute after it was stored: its dispatch failed part-way.
-    never_sent = and_(Job.dispatched_at.is_(None), Job.created_at < now - timedelta(seconds=60))
+    never_sent = unsent(now - timedelta(seconds=60))
     for lane in dispatch.LANES:
-        lost = never_sent if backlog(settings, lane) else or_(never_sent, Job.dispatched_at < stale)
+        lost = never_sent if backlog(settings, lane) else or_(never_sent, sent_before(stale))
         with session_scope(settings.database_url) as session:
             rows = session.execute(
                 select(Job.id, Job.group_key, Job.cost, Job.lane)

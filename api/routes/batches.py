@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -12,10 +13,11 @@ from api.deps import IdempotencyKey, SettingsDep, StorageDep, TenantDep
 from api.schemas import BatchIn, BatchOut, JobOut, JobPage
 from core import jobs
 from core.db import session_scope
-from core.errors import FieldError, InvalidInput
+from core.errors import InvalidInput
+from core.manifest import ManifestReader
 from core.settings import Settings
 from core.status import JobStatus
-from core.submit import submit
+from core.submit import CHUNK, Submission, submit
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -39,30 +41,6 @@ def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Re
     return _batch_out(settings, tenant, batch_id)
 
 
-def parse_manifest(text: str) -> list[Any]:
-    """JSONL: one item per line; blank lines and lines starting with # are skipped. An item that
-    cannot be named by its custom_id is named by its line."""
-    items, errors = [], []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        where = f"line {number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            errors.append(FieldError("item", f"not valid JSON: {exc.msg}", where))
-            continue
-        if not isinstance(item, dict):
-            errors.append(FieldError("item", "must be a JSON object", where))
-        elif not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
-            errors.append(FieldError("custom_id", "every batch item needs a custom_id", where))
-        else:
-            items.append(item)
-    if errors:
-        raise InvalidInput(errors)
-    return items
-
-
 @router.post("/manifest", status_code=202, response_model=BatchOut,
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/x-ndjson": {"schema": {"type": "string", "description": "one job spec per line"}}}}})
@@ -70,27 +48,35 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
                                idempotency_key: IdempotencyKey = None,
                                metadata: Annotated[str | None, Query(description="JSON object")] = None
                                ) -> BatchOut:
-    """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`)."""
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > settings.max_manifest_bytes:
-            raise InvalidInput(f"the manifest is over the {settings.max_manifest_bytes}-byte limit: "
-                               "split the catalog into several batches", "body")
+    """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`): one job
+    spec per line; blank lines and lines starting with # are skipped. The manifest is validated and
+    stored as it arrives, but committed only at its end: one bad line anywhere rejects it whole
+    (422 naming every bad line or item), and nothing is stored."""
     try:
         meta = json.loads(metadata) if metadata else {}
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"not valid JSON: {exc.msg}", "metadata") from None
     if not isinstance(meta, dict):
         raise InvalidInput("must be a JSON object", "metadata")
+    submission = await run_in_threadpool(partial(Submission, settings, tenant, as_batch=True, metadata=meta,
+                                                 idempotency_key=idempotency_key))
+    reader = ManifestReader()
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInput(f"the manifest is not UTF-8 (byte {exc.start})", "body") from None
-    items = parse_manifest(text)
-    body = {"items": items, "metadata": meta}
-    batch_id, created = await run_in_threadpool(
-        submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body)
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > settings.max_manifest_bytes:
+                raise InvalidInput(f"the manifest is over the {settings.max_manifest_bytes}-byte limit: "
+                                   "split the catalog into several batches", "body")
+            reader.feed(chunk)
+            if reader.pending >= CHUNK:
+                await run_in_threadpool(submission.add, *reader.take())
+        reader.end()
+        await run_in_threadpool(submission.add, *reader.take())
+        batch_id, created = await run_in_threadpool(submission.finish, reader.digest(meta))
+    except BaseException as exc:
+        await run_in_threadpool(submission.abort, exc)
+        raise
     if not created:
         response.status_code = 200
     return await run_in_threadpool(_batch_out, settings, tenant, batch_id)

@@ -13,6 +13,7 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from core.db import session_scope
+from core.dispatch import lane_queues
 from core.tables import Job
 from tests.integration.helpers import api_client, mask_png, png, upload
 
@@ -25,7 +26,8 @@ def job_count(settings) -> int:
 
 
 def queue_length(settings, lane: str) -> int:
-    return int(redis.Redis.from_url(settings.redis_url).llen(lane))
+    broker = redis.Redis.from_url(settings.redis_url)
+    return sum(int(broker.llen(queue)) for queue in lane_queues(lane, settings))
 
 
 def test_files_are_content_addressed_and_validated(settings):
@@ -203,6 +205,6 @@ def test_single_jobs_submitted_together_share_one_micro_batch(settings):
         while queue_length(settings, "interactive") == 0:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-    message = json.loads(redis.Redis.from_url(settings.redis_url).lpop("interactive"))
+    message = json.loads(redis.Redis.from_url(settings.redis_url).lpop("interactive.tiny-sd"))
     assert sorted(json.loads(base64.b64decode(message["body"]))[0][0]) == sorted(ids)
     assert queue_length(settings, "interactive") == 0

@@ -148,7 +148,7 @@ def test_reconciler_requeues_lost_jobs_and_gives_up_after_max_attempts(settings,
             status="running", attempts=settings.max_attempts, lease_until=past))
     report = reconcile(settings)
     assert report == {"requeued": 1, "failed": 1, "redispatched": 0}  # requeued jobs are sent at once
-    assert broker.llen("bulk") == 1
+    assert broker.llen("bulk.lanczos-x4") == 1
     jobs = jobs_of(settings, batch_id)
     assert jobs["lost"].status == "queued"
     assert jobs["doomed"].status == "failed" and "gave up after" in jobs["doomed"].error
@@ -164,13 +164,15 @@ def test_reconciler_leaves_jobs_whose_messages_are_waiting(settings):
     with session_scope(settings.database_url) as session:
         session.execute(update(Job).where(Job.batch_id == batch_id).values(dispatched_at=utcnow() - timedelta(days=1)))
     assert reconcile(settings)["redispatched"] == 0  # its message is still in the queue
-    redis.Redis.from_url(settings.redis_url).delete("bulk")
+    redis.Redis.from_url(settings.redis_url).delete("bulk.lanczos-x4")
     assert reconcile(settings)["redispatched"] == 1
-    # A job whose dispatch never completed is sent even while the lane is busy.
+    # A job whose dispatch never completed (neither it nor its batch stamped) is sent even while the
+    # lane is busy.
     with session_scope(settings.database_url) as session:
         session.execute(update(Job).where(Job.batch_id == batch_id).values(
             dispatched_at=None, created_at=utcnow() - timedelta(minutes=5)))
-    assert redis.Redis.from_url(settings.redis_url).llen("bulk") == 1
+        session.execute(update(Batch).where(Batch.id == batch_id).values(dispatched_at=None))
+    assert redis.Redis.from_url(settings.redis_url).llen("bulk.lanczos-x4") == 1
     assert reconcile(settings)["redispatched"] == 1
 
 

@@ -1,0 +1,74 @@
+"""A JSONL manifest read as it arrives: one item per line, parsed line by line.
+
+Bytes are split into lines before decoding, so a character cut between two network chunks is
+never misread, and a bad line is named by its number. The digest covers the raw bytes, so an
+idempotent replay is recognised without keeping the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from core.errors import FieldError
+
+
+class ManifestReader:
+    """Feed bytes as they come; `take` the parsed items and the errors of bad lines so far."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self._line = 0
+        self._items: list[Any] = []
+        self._errors: list[FieldError] = []
+        self._hash = hashlib.sha256()
+
+    def feed(self, data: bytes) -> None:
+        self._hash.update(data)
+        lines = (self._tail + data).split(b"\n")
+        self._tail = lines.pop()
+        for line in lines:
+            self._parse(line)
+
+    def end(self) -> None:
+        if self._tail:
+            self._parse(self._tail)
+            self._tail = b""
+
+    @property
+    def pending(self) -> int:
+        return len(self._items) + len(self._errors)
+
+    def take(self) -> tuple[list[Any], list[FieldError]]:
+        items, errors = self._items, self._errors
+        self._items, self._errors = [], []
+        return items, errors
+
+    def digest(self, metadata: dict[str, Any]) -> str:
+        meta = json.dumps(metadata, sort_keys=True).encode()
+        return hashlib.sha256(self._hash.digest() + meta).hexdigest()
+
+    def _parse(self, raw: bytes) -> None:
+        self._line += 1
+        where = f"line {self._line}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            self._errors.append(FieldError("body", f"not UTF-8 (byte {exc.start} of the line)", where))
+            return
+        stripped = line.strip()
+        if not stripped or stripped.startswith("#"):
+            return
+        try:
+            item = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            message = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            self._errors.append(FieldError("item", f"not valid JSON: {message}", where))
+            return
+        if not isinstance(item, dict):
+            self._errors.append(FieldError("item", "must be a JSON object", where))
+        elif not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
+            self._errors.append(FieldError("custom_id", "every batch item needs a custom_id", where))
+        else:
+            self._items.append(item)

@@ -1,0 +1,50 @@
+"""batch progress counters, batch dispatch stamp, calibrations
+
+Revision ID: 0003_throughput
+Revises: 0002
+Create Date: 2026-11-28
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0003_throughput"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        for status in COUNTERS:
+            batch_op.add_column(sa.Column(f"{status}_count", sa.Integer(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("dispatched_at", sa.DateTime(), nullable=True))
+    # Existing batches start from their job rows; from here on every transition moves the counters.
+    for status in COUNTERS:
+        op.execute(f"UPDATE batches SET {status}_count = (SELECT count(*) FROM jobs "
+                   f"WHERE jobs.batch_id = batches.id AND jobs.status = '{status}')")
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        for status in COUNTERS:
+            batch_op.alter_column(f"{status}_count", server_default=None)
+    op.create_table(
+        "calibrations",
+        sa.Column("profile", sa.String(length=100), nullable=False),
+        sa.Column("device", sa.String(length=200), nullable=False),
+        sa.Column("batch_size", sa.Integer(), nullable=False),
+        sa.Column("pixel_budget", sa.BigInteger(), nullable=False),
+        sa.Column("images_per_s", sa.Float(), nullable=False),
+        sa.Column("trials", sa.JSON(), nullable=False),
+        sa.Column("worker", sa.String(length=200), nullable=False),
+        sa.Column("measured_at", sa.DateTime(), nullable=False),
+        sa.PrimaryKeyConstraint("profile", "device"),
+    )
+
+
+def downgrade() -> None:
+    op.drop_table("calibrations")
+    with op.batch_alter_table("batches", schema=None) as batch_op:
+        batch_op.drop_column("dispatched_at")
+        for status in COUNTERS:
+            batch_op.drop_column(f"{status}_count")
