@@ -100,11 +100,14 @@ def up(port: int = 8000, gpus: str = "all", data_dir: Path | None = None) -> Non
 
 @app.command()
 def worker(gpus: Annotated[str, typer.Option(help="'all', 'cpu', or GPU indices like 0,1")] = "all",
-           beat: bool = False, loglevel: str = "INFO") -> None:
-    """One Celery worker process per GPU (CUDA_VISIBLE_DEVICES-pinned); one CPU worker without GPUs."""
+           beat: bool = False, loglevel: str = "INFO",
+           models: Annotated[str | None, typer.Option(help="model profiles served, like tiny-sd,lanczos-x4 "
+                                                          "(default: every configured profile)")] = None) -> None:
+    """One Celery worker process per GPU (CUDA_VISIBLE_DEVICES-pinned); one CPU worker without GPUs.
+    Each takes micro-batches only from the queues of the models it serves."""
     from workers import launcher
 
-    raise typer.Exit(launcher.run(gpus, loglevel=loglevel, beat=beat))
+    raise typer.Exit(launcher.run(gpus, loglevel=loglevel, beat=beat, models_spec=models))
 
 
 @app.command()

@@ -35,11 +35,20 @@ class APIError(Step1XError):
         super().__init__("\n".join(lines))
 
 
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "5")))
+    except ValueError:  # an HTTP date: not sent by this server; wait a default
+        return 5.0
+
+
 class Client:
     def __init__(self, base_url: str, api_key: str, timeout: float = 60.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, busy_wait: float = 3600) -> None:
         self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
                                  headers={"Authorization": f"Bearer {api_key}"})
+        # How long to keep retrying while the server answers 429 (the tenant's queue is full).
+        self.busy_wait = busy_wait
 
     def close(self) -> None:
         self.http.close()
@@ -51,7 +60,12 @@ class Client:
         self.close()
 
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self.busy_wait
         response = self.http.request(method, path, **kwargs)
+        # 429: nothing of the request was stored, so sending it again later is safe.
+        while response.status_code == 429 and time.monotonic() < deadline:
+            time.sleep(min(_retry_after(response), max(0.0, deadline - time.monotonic())))
+            response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
             try:
                 body = response.json()

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.dispatch import LANES
+from core.dispatch import worker_queues
 from core.services import die_with_parent
+from core.settings import get_settings
 
 
 def detect_gpus() -> list[str]:
@@ -49,13 +50,30 @@ def parse_gpus(spec: str, available: Sequence[str]) -> list[str]:
     return wanted
 
 
-def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", beat: bool = False
-                    ) -> list[tuple[str, list[str], dict[str, str]]]:
+def parse_models(spec: str | None, configured: Sequence[str]) -> list[str]:
+    """'--models a,b' -> those profiles, which must be configured; none given -> every configured
+    profile (a worker that cannot load one fails its jobs with a message saying which weights are
+    missing, instead of leaving them queued where no worker looks)."""
+    if not spec or spec == "all":
+        return sorted(configured)
+    wanted = [part.strip() for part in spec.split(",") if part.strip()]
+    unknown = [m for m in wanted if m not in configured]
+    if unknown:
+        raise ValueError(f"--models {spec}: unknown profile {', '.join(unknown)} "
+                         f"(configured: {', '.join(sorted(configured))})")
+    return wanted
+
+
+def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", beat: bool = False,
+                    models: Sequence[str] | None = None) -> list[tuple[str, list[str], dict[str, str]]]:
     """(name, argv, extra env) per worker process. `beat` embeds the periodic reconciler in the first
-    worker (one machine, no separate beat process); production runs `celery beat` once instead."""
+    worker (one machine, no separate beat process); production runs `celery beat` once instead.
+    Each worker consumes the queues of the `models` it serves (default: every configured profile),
+    so micro-batches reach only workers that keep their model warm."""
     host = socket.gethostname()
+    served = parse_models(None, list(get_settings().models)) if models is None else models
     base = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency", "1",
-            "--prefetch-multiplier", "1", "-Q", ",".join(LANES), "--loglevel", loglevel]
+            "--prefetch-multiplier", "1", "-Q", ",".join(worker_queues(served)), "--loglevel", loglevel]
     if not gpus:
         # An empty value hides every GPU, so the CPU worker never grabs one by accident.
         commands = [(f"cpu@{host}", [*base, "-n", f"cpu@{host}"], {"CUDA_VISIBLE_DEVICES": ""})]
@@ -68,9 +86,10 @@ def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", beat: bool = Fa
 
 
 def start_workers(gpus: Sequence[str], log_dir: Path | None = None, loglevel: str = "INFO",
-                  env: dict[str, str] | None = None, beat: bool = False) -> list[subprocess.Popen[Any]]:
+                  env: dict[str, str] | None = None, beat: bool = False, models: Sequence[str] | None = None
+                  ) -> list[subprocess.Popen[Any]]:
     procs = []
-    for name, argv, extra in worker_commands(gpus, loglevel, beat):
+    for name, argv, extra in worker_commands(gpus, loglevel, beat, models):
         with contextlib.ExitStack() as files:
             out: Any = None
             if log_dir is not None:
@@ -100,10 +119,11 @@ def stop_all(procs: Sequence[subprocess.Popen[Any]], timeout: float = 20) -> Non
             proc.wait()
 
 
-def run(gpus_spec: str, loglevel: str = "INFO", beat: bool = False) -> int:
+def run(gpus_spec: str, loglevel: str = "INFO", beat: bool = False, models_spec: str | None = None) -> int:
     """Start the workers and supervise them until a signal or until one exits."""
     gpus = parse_gpus(gpus_spec, detect_gpus())
-    procs = start_workers(gpus, loglevel=loglevel, beat=beat)
+    models = parse_models(models_spec, list(get_settings().models))
+    procs = start_workers(gpus, loglevel=loglevel, beat=beat, models=models)
     stopping = False
 
     def _stop(*_: Any) -> None:

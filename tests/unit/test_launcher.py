@@ -1,6 +1,6 @@
 import pytest
 
-from workers.launcher import parse_gpus, worker_commands
+from workers.launcher import parse_gpus, parse_models, worker_commands
 
 
 def test_gpu_selection():
@@ -25,3 +25,14 @@ def test_one_pinned_named_worker_per_gpu():
 def test_cpu_worker_hides_gpus():
     [(name, _, env)] = worker_commands([])
     assert name.startswith("cpu@") and env == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_a_worker_reads_its_models_interactive_queues_before_any_bulk_one():
+    [(_, argv, _)] = worker_commands([], models=["tiny-sd", "lanczos-x4"])
+    assert argv[argv.index("-Q") + 1].split(",") == [
+        "interactive.lanczos-x4", "interactive.tiny-sd", "interactive",
+        "bulk.lanczos-x4", "bulk.tiny-sd", "bulk"]
+    assert parse_models("tiny-sd", ["tiny-sd", "lanczos-x4"]) == ["tiny-sd"]
+    assert parse_models(None, ["tiny-sd", "lanczos-x4"]) == ["lanczos-x4", "tiny-sd"]
+    with pytest.raises(ValueError, match="unknown profile nope"):
+        parse_models("tiny-sd,nope", ["tiny-sd"])
