@@ -10,8 +10,10 @@ trip, but nothing more is written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,10 +21,11 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
 from core import dispatch
+from core.db import session_scope
 from core.errors import FieldError, InvalidInput, TooManyRequests
 from core.files import files_by_id
 from core.settings import Settings
-from core.specs import AnySpec, InpaintSpec, UpscaleSpec, input_files, parse_items
+from core.specs import AnySpec, GenerateSpec, InpaintSpec, UpscaleSpec, input_files, parse_items
 from core.status import JobStatus
 from core.tables import Batch, Calibration, Job, new_id, utcnow
 
@@ -80,10 +83,12 @@ def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], setting
                 ) -> tuple[dict[str, Any], list[FieldError]]:
     """Every referenced file exists for this tenant and sizes agree; returns the file rows by id and
     the problems found."""
-    wanted = {fid for spec in specs for fid in input_files(spec).values()}
-    files = files_by_id(session, tenant, wanted)
+    # Text-to-image items refer to no file: skipping them keeps a catalog of them cheap.
+    with_files = [(index, spec) for index, spec in enumerate(specs) if not isinstance(spec, GenerateSpec)]
+    wanted = {fid for _, spec in with_files for fid in input_files(spec).values()}
+    files = files_by_id(session, tenant, wanted) if wanted else {}
     errors: list[FieldError] = []
-    for index, spec in enumerate(specs):
+    for index, spec in with_files:
         name = spec.custom_id or f"#{index}"
         refs = input_files(spec)
         missing = [field for field, fid in refs.items() if fid not in files]
@@ -124,6 +129,8 @@ class Intake:
         if self.cap and self.queued_before >= self.cap:
             self._refuse()
         self.cutter = dispatch.Cutter(settings, calibrated_budgets(session))
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-writer")
+        self._writing: Future[None] | None = None
         self.accepted = Accepted(None, "")
         if as_batch:
             self.accepted.batch = Batch(id=new_id("bat"), tenant_id=tenant, metadata_=metadata or {}, total=0,
@@ -158,12 +165,15 @@ class Intake:
             if spec.custom_id in self.seen and spec.custom_id not in flagged:
                 self._error([FieldError("custom_id", "appears more than once in this batch", spec.custom_id)])
             self.seen.add(spec.custom_id)
-        files, file_errors = check_files(self.session, self.tenant, specs, self.settings)
+        # Files were committed by earlier requests: read them on a connection of their own, since the
+        # writer thread may be using this transaction's connection right now.
+        with session_scope(self.settings.database_url) as files_session:
+            files, file_errors = check_files(files_session, self.tenant, specs, self.settings)
         self._error(file_errors)
         if self.error_count:
             return  # keep validating for the report, store nothing more: it will all roll back
         rows = [self._row(spec, files) for spec in specs]
-        store(self.session, rows)
+        self._write(rows)
         for row in rows:
             planned = dispatch.Planned(row["id"], row["group_key"], row["cost"], row["lane"])
             if not self.as_batch:
@@ -174,7 +184,7 @@ class Intake:
             self.accepted.first_id = rows[0]["id"]
 
     def _row(self, spec: AnySpec, files: dict[str, Any]) -> dict[str, Any]:
-        image = files.get(getattr(spec, "image", None) or "")
+        image = files.get(spec.image) if isinstance(spec, InpaintSpec | UpscaleSpec) else None
         key, cost = dispatch.plan(spec, self.settings, (image.width, image.height) if image else None)
         batch = self.accepted.batch
         return {
@@ -188,8 +198,27 @@ class Intake:
         queue = dispatch.queue_for(jobs[0].lane, dispatch.model_of(jobs[0].group_key))
         self.accepted.messages.append((queue, [job.id for job in jobs]))
 
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        """Store a chunk in the writer thread, so the database takes it in while the next chunk is
+        validated here. One chunk in flight at most: memory stays bounded when the database is slower."""
+        self._drain()
+        self._writing = self._writer.submit(store, self.session, rows)
+
+    def _drain(self) -> None:
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()  # re-raises the writer's error here
+
+    def discard(self) -> None:
+        """Wait for the writer and stop it (the caller then rolls the transaction back)."""
+        with contextlib.suppress(Exception):  # the transaction is being rolled back anyway
+            self._drain()
+        self._writer.shutdown()
+
     def close(self) -> Accepted:
         """Raise InvalidInput if anything was wrong; else finish the batch row and return what to send."""
+        self._drain()
+        self._writer.shutdown()
         if self.count > self.settings.max_batch_items:
             self._error([FieldError("items", f"{self.count} items: at most {self.settings.max_batch_items} "
                                              "per batch")])

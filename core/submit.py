@@ -114,11 +114,12 @@ class Submission:
         self._scope: AbstractContextManager[Session] = session_scope(settings.database_url)
         self.session = self._scope.__enter__()
         self._open = True
+        self.intake: Intake | None = None
         try:
             # A replay of a stored request only needs its digest: nothing is validated or stored.
             self.earlier = self.session.get(IdempotencyKey, (tenant, idempotency_key)) if idempotency_key else None
-            self.intake = None if self.earlier else Intake(self.session, settings, tenant, as_batch=as_batch,
-                                                           metadata=metadata)
+            if self.earlier is None:
+                self.intake = Intake(self.session, settings, tenant, as_batch=as_batch, metadata=metadata)
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -137,6 +138,8 @@ class Submission:
         """Roll back; safe to call again."""
         if self._open:
             self._open = False
+            if self.intake is not None:
+                self.intake.discard()
             error = exc or Exception("submission aborted")
             self._scope.__exit__(type(error), error, None)
 
