@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, or_, select, update
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 CHUNK = 5000
 
 Dispatcher = Callable[[Sequence[dispatch.Planned]], object]
+Defer = Callable[[Callable[[], None]], object]
 
 
 def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequence[Any], *,
@@ -75,16 +77,32 @@ def send_committed(settings: Settings, planned: Sequence[dispatch.Planned]) -> N
         send(session, settings, planned)
 
 
-def send_accepted(settings: Settings, accepted: Accepted) -> int:
+def send_accepted(settings: Settings, accepted: Accepted, defer: Defer | None = None) -> None:
     """Send a committed submission's micro-batches, then stamp it sent: the batch row for a catalog
-    (one write, not one per job), the job itself for a single job."""
-    sent = dispatch.send_ids(accepted.messages, settings)
-    with session_scope(settings.database_url) as session:
-        if accepted.batch is not None:
-            session.execute(update(Batch).where(Batch.id == accepted.batch.id).values(dispatched_at=utcnow()))
-        else:
-            session.execute(update(Job).where(Job.id == accepted.first_id).values(dispatched_at=utcnow()))
-    return sent
+    (one write, not one per job), the job itself for a single job. With `defer`, only the first
+    micro-batch leaves now, so a worker starts at once, and the rest is handed to `defer` (the API
+    sends it after answering). A failure leaves the stamp unset: the reconciler sends those jobs."""
+    messages = accepted.messages
+    if defer is not None and len(messages) > 1:
+        _send_and_stamp(settings, accepted, messages[:1], stamp=False)
+        defer(partial(_send_and_stamp, settings, accepted, messages[1:]))
+    else:
+        _send_and_stamp(settings, accepted, messages)
+
+
+def _send_and_stamp(settings: Settings, accepted: Accepted, messages: Sequence[tuple[str, list[str]]],
+                    stamp: bool = True) -> None:
+    try:
+        dispatch.send_ids(messages, settings)
+        if stamp:
+            with session_scope(settings.database_url) as session:
+                if accepted.batch is not None:
+                    session.execute(update(Batch).where(Batch.id == accepted.batch.id)
+                                    .values(dispatched_at=utcnow()))
+                else:
+                    session.execute(update(Job).where(Job.id == accepted.first_id).values(dispatched_at=utcnow()))
+    except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
+        log.warning("dispatch of %s failed, the reconciler will retry: %s", accepted.resource, exc)
 
 
 def body_hash(body: Any) -> str:
@@ -147,8 +165,10 @@ class Submission:
         self._open = False
         self._scope.__exit__(None, None, None)
 
-    def finish(self, digest: str, dispatcher: Dispatcher | None = None) -> tuple[str, bool]:
-        """Commit and dispatch; returns (batch or job id, whether it was created now)."""
+    def finish(self, digest: str, dispatcher: Dispatcher | None = None, defer: Defer | None = None
+               ) -> tuple[str, bool]:
+        """Commit and dispatch (see `send_accepted` for `defer`); returns (batch or job id, whether it
+        was created now)."""
         if self.intake is None:
             self._commit()
             assert self.earlier is not None
@@ -172,13 +192,10 @@ class Submission:
             if earlier is None:
                 raise
             return earlier, False
-        try:
-            if dispatcher is not None:
-                dispatcher(accepted.planned)
-            else:
-                send_accepted(self.settings, accepted)
-        except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
-            log.warning("dispatch of %s failed, the reconciler will retry: %s", accepted.resource, exc)
+        if dispatcher is not None:
+            dispatcher(accepted.planned)  # the coalescer: it only queues them in memory
+        else:
+            send_accepted(self.settings, accepted, defer)
         return accepted.resource, True
 
 

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -45,7 +45,7 @@ def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Re
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/x-ndjson": {"schema": {"type": "string", "description": "one job spec per line"}}}}})
 async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
-                               idempotency_key: IdempotencyKey = None,
+                               background: BackgroundTasks, idempotency_key: IdempotencyKey = None,
                                metadata: Annotated[str | None, Query(description="JSON object")] = None
                                ) -> BatchOut:
     """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`): one job
@@ -73,7 +73,9 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
                 await run_in_threadpool(submission.add, *reader.take())
         reader.end()
         await run_in_threadpool(submission.add, *reader.take())
-        batch_id, created = await run_in_threadpool(submission.finish, reader.digest(meta))
+        # The first micro-batch leaves before the answer; the rest right after it.
+        batch_id, created = await run_in_threadpool(submission.finish, reader.digest(meta),
+                                                    defer=background.add_task)
     except BaseException as exc:
         await run_in_threadpool(submission.abort, exc)
         raise
