@@ -38,7 +38,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(if $(QUICK),--quick)
 
 eval: setup
 	$(VENV)/bin/step1x eval

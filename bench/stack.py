@@ -1,0 +1,125 @@
+"""The whole system for benchmarks: PostgreSQL, Redis, SeaweedFS, the API (uvicorn) and workers as
+separate processes, as in production, on free loopback ports in a scratch folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from core.db import session_scope, upgrade
+from core.keys import create_key
+from core.services import die_with_parent, free_port, start_postgres, start_redis, start_seaweedfs
+from core.settings import Settings
+from core.storage import Storage
+from workers import launcher
+
+ACCESS_KEY, SECRET_KEY = "step1x-bench", "step1x-bench-secret"
+
+
+class BenchStack:
+    def __init__(self, workdir: Path, models_dir: Path) -> None:
+        self.workdir, self.models_dir = workdir, models_dir
+        self._exit = ExitStack()
+        self.workers: list[subprocess.Popen[Any]] = []
+        self.api: subprocess.Popen[Any] | None = None
+        self.env: dict[str, str] = {}
+        self._databases = 0
+
+    def __enter__(self) -> BenchStack:
+        try:
+            self.postgres = self._exit.enter_context(start_postgres(self.workdir / "services"))
+            self.redis = self._exit.enter_context(start_redis(self.workdir / "services"))
+            self.s3 = self._exit.enter_context(start_seaweedfs(self.workdir / "services", ACCESS_KEY, SECRET_KEY))
+            self.fresh_database()
+        except BaseException:
+            self._exit.close()
+            raise
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop_worker()
+        self.stop_api()
+        self._exit.close()
+
+    def fresh_database(self) -> None:
+        """A new database, bucket and Redis db, and an API started on them: runs do not share state."""
+        self.stop_worker()
+        self.stop_api()
+        self._databases += 1
+        name = f"bench_{self._databases}"
+        admin = create_engine(self.postgres.url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+        admin.dispose()
+        redis.Redis.from_url(self.redis.url).flushdb()
+        self.env = {
+            "STEP1X_DATABASE_URL": make_url(self.postgres.url).set(database=name).render_as_string(False),
+            "STEP1X_REDIS_URL": self.redis.url, "STEP1X_S3_ENDPOINT_URL": self.s3.url,
+            "STEP1X_S3_ACCESS_KEY": ACCESS_KEY, "STEP1X_S3_SECRET_KEY": SECRET_KEY,
+            "STEP1X_S3_BUCKET": name.replace("_", "-"), "STEP1X_DATA_DIR": str(self.workdir / "data"),
+            "STEP1X_MODELS_DIR": str(self.models_dir), "STEP1X_COALESCE_MS": "0",
+        }
+        self.settings = Settings.model_validate({k.removeprefix("STEP1X_").lower(): v for k, v in self.env.items()})
+        upgrade(self.settings.database_url)
+        Storage(self.settings).ensure_bucket()
+        with session_scope(self.settings.database_url) as session:
+            self.key = create_key(session, "bench")
+        self.start_api()
+
+    def start_api(self) -> None:
+        port = free_port()
+        self.api_url = f"http://127.0.0.1:{port}"
+        log = (self.workdir / "api.log").open("ab")
+        self.api = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(port), "--log-level", "warning"],
+            env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGTERM))
+        log.close()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.api_url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise RuntimeError(f"the API did not start: {(self.workdir / 'api.log').read_text()[-2000:]}")
+
+    def stop_api(self) -> None:
+        if self.api is not None:
+            launcher.stop_all([self.api])
+            self.api = None
+
+    def client(self, timeout: float = 600) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, timeout=timeout, headers={"Authorization": f"Bearer {self.key}"})
+
+    def start_worker(self, models: Sequence[str] | None = None) -> None:
+        self.workers = launcher.start_workers([], self.workdir / "logs", "WARNING", env=self.env, models=models)
+        # Ready when the pool child has started.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not psutil.Process(self.workers[0].pid).children(recursive=True):
+            time.sleep(0.1)
+        time.sleep(1.0)
+
+    def stop_worker(self) -> None:
+        if self.workers:
+            launcher.stop_all(self.workers)
+            self.workers = []
+
+    def worker_rss(self) -> int:
+        """Resident bytes of the worker: the main process and its pool child."""
+        main = psutil.Process(self.workers[0].pid)
+        return sum(p.memory_info().rss for p in [main, *main.children(recursive=True)])

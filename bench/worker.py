@@ -1,0 +1,198 @@
+"""The worker's throughput on the whole system, each figure against its bare baseline in the same run.
+
+- engine_bound_ratio: images/s of tiny-sd jobs through API, Redis, worker, S3 and PostgreSQL ÷ a raw
+  loop calling the same engine on the same micro-batches in this process.
+- batching_gain: the same jobs planned into micro-batches ÷ micro-batches of one (forced by a
+  calibration row, the planner's own input).
+- upload_bound_ratio: near no-op jobs (lanczos on an 8x8 image) per second ÷ a bare loop of S3 PUTs
+  of the same objects through the same client.
+- orchestration_vs_bare_celery: the same near no-op jobs/s ÷ a bare Celery no-op task loop (one
+  message per task, same Redis, same worker options).
+- interactive_start_p95: seconds from submit to start of single jobs behind a bulk backlog, and the
+  same in micro-batch durations.
+- worker_rss_growth_pct: worker RSS after many mixed jobs against after a tenth of them.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+import redis
+from PIL import Image
+from sqlalchemy import delete, select
+
+from bench.stack import BenchStack
+from core.db import session_scope
+from core.storage import Storage, output_key
+from core.tables import Batch, Calibration, Job
+
+GENERATE = {"kind": "generate", "prompt": "a product photo", "width": 64, "height": 64, "steps": 10}
+
+
+def _png(size: int, seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_noise((size, size), 64 + seed).convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _run_batch(client: httpx.Client, items: list[dict[str, Any]], timeout: float = 600) -> tuple[str, float]:
+    """Submit and wait until the batch finished; (batch id, seconds)."""
+    started = time.perf_counter()
+    response = client.post("/v1/batches", json={"items": items})
+    assert response.status_code == 202, response.text[:2000]
+    batch_id = response.json()["id"]
+    deadline = time.monotonic() + timeout
+    while (batch := client.get(f"/v1/batches/{batch_id}").json())["finished_at"] is None:
+        assert time.monotonic() < deadline, f"batch {batch_id} did not finish: {batch['counts']}"
+        time.sleep(0.02)
+    assert batch["counts"]["succeeded"] == len(items), batch["counts"]
+    return batch_id, time.perf_counter() - started
+
+
+def _items(n: int, tag: str, **spec: Any) -> list[dict[str, Any]]:
+    return [{"custom_id": f"{tag}-{i}", **spec, "seed": i} for i in range(n)]
+
+
+def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
+    from core.dispatch import cut, plan
+    from core.specs import parse_item
+    from models.engine import ImageRequest
+    from models.profiles import create_engine
+
+    _run_batch(client, _items(16, "warm", **GENERATE))  # the worker loads the model
+    _, planned_s = _run_batch(client, _items(n, "planned", **GENERATE))
+    with session_scope(stack.settings.database_url) as session:
+        session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
+                                images_per_s=0.0, trials=[], worker="bench"))
+    _, single_s = _run_batch(client, _items(n, "single", **GENERATE))
+    with session_scope(stack.settings.database_url) as session:
+        session.execute(delete(Calibration))
+    # The raw loop: the same engine, the same micro-batches, nothing else.
+    engine = create_engine("tiny-sd", stack.settings)
+    spec = parse_item({**GENERATE, "model": "tiny-sd", "seed": 0})
+    key, cost = plan(spec, stack.settings)
+    from core.dispatch import Planned
+
+    batches = cut([Planned(str(i), key, cost, "bulk") for i in range(n)], stack.settings)
+    requests = [ImageRequest(kind="generate", prompt=GENERATE["prompt"], width=64, height=64, steps=10, seed=i)
+                for i in range(n)]
+    engine.run(requests[:1])
+    started = time.perf_counter()
+    done = 0
+    for batch in batches:
+        engine.run(requests[done:done + len(batch)])
+        done += len(batch)
+    raw_s = time.perf_counter() - started
+    return {"engine_bound_ratio": raw_s / planned_s, "batching_gain": single_s / planned_s,
+            "system_images_per_s": n / planned_s, "raw_engine_images_per_s": n / raw_s}
+
+
+def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
+    image = client.post("/v1/files", files={"file": ("x.png", _png(8))}).json()["id"]
+    spec = {"kind": "upscale", "image": image, "model": "lanczos-x4", "cache": False}
+    _run_batch(client, _items(16, "warm-up", **spec))
+    _, system_s = _run_batch(client, _items(n, "noop", **spec))
+    storage = Storage(stack.settings)
+    data = _png(32)
+    started = time.perf_counter()
+    for i in range(n):
+        storage.put(output_key("bench", "bare", f"job{i}"), data, "image/png")
+    put_s = time.perf_counter() - started
+    celery_s = bare_celery(stack, n)
+    return {"upload_bound_ratio": put_s / system_s, "orchestration_vs_bare_celery": celery_s / system_s,
+            "noop_jobs_per_s": n / system_s, "bare_put_per_s": n / put_s, "bare_celery_tasks_per_s": n / celery_s}
+
+
+def bare_celery(stack: BenchStack, n: int) -> float:
+    """Seconds for a Celery worker (same options as ours) to run n no-op tasks sent one message each."""
+    from bench.noop import DONE, QUEUE, app_for
+
+    broker = redis.Redis.from_url(stack.settings.redis_url)
+    broker.delete(DONE)
+    env = {**os.environ, "BENCH_BROKER_URL": stack.settings.redis_url}
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench.noop", "worker", "-Q", QUEUE,
+                               "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        app = app_for(stack.settings.redis_url)
+        app.send_task("bench.noop", queue=QUEUE)  # wait for the worker to be up
+        while int(broker.get(DONE) or 0) < 1:
+            time.sleep(0.05)
+        started = time.perf_counter()
+        with app.producer_or_acquire() as producer:
+            for _ in range(n):
+                app.send_task("bench.noop", queue=QUEUE, producer=producer)
+        while int(broker.get(DONE) or 0) < n + 1:
+            time.sleep(0.005)
+        return time.perf_counter() - started
+    finally:
+        worker.terminate()
+        worker.wait()
+
+
+def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, probes: int) -> dict[str, float]:
+    response = client.post("/v1/batches", json={"items": _items(backlog, "backlog", **GENERATE)})
+    assert response.status_code == 202, response.text[:2000]
+    bulk_id = response.json()["id"]
+    waits = []
+    for i in range(probes):
+        job = client.post("/v1/jobs", json={**GENERATE, "prompt": f"single {i}"}).json()
+        while (state := client.get(f"/v1/jobs/{job['id']}").json())["status"] in ("queued", "running"):
+            time.sleep(0.01)
+        waits.append(_seconds(state["timings"]["started_at"]) - _seconds(state["timings"]["queued_at"]))
+    client.post(f"/v1/batches/{bulk_id}/cancel")
+    with session_scope(stack.settings.database_url) as session:
+        runs = [(done - start).total_seconds() for start, done in session.execute(
+            select(Job.started_at, Job.finished_at).where(Job.batch_id == bulk_id, Job.status == "succeeded"))
+            if start is not None and done is not None]
+    micro_batch_s = statistics.median(runs) if runs else float("nan")
+    p95 = statistics.quantiles(waits, n=20)[-1] if len(waits) >= 2 else waits[0]
+    return {"interactive_start_p95_s": p95, "interactive_start_p95_micro_batches": p95 / micro_batch_s}
+
+
+def _seconds(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.removesuffix("Z")).timestamp()
+
+
+def worker_rss(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
+    image = client.post("/v1/files", files={"file": ("y.png", _png(8, 1))}).json()["id"]
+    items = [{"custom_id": f"mix-{i}", **GENERATE, "seed": i} if i % 10 == 0 else
+             {"custom_id": f"mix-{i}", "kind": "upscale", "image": image, "model": "lanczos-x4", "seed": i}
+             for i in range(n)]
+    early = n // 10
+    batch_id = client.post("/v1/batches", json={"items": items}).json()["id"]
+    rss_early = None
+    while True:
+        batch = client.get(f"/v1/batches/{batch_id}").json()
+        if rss_early is None and batch["counts"]["succeeded"] >= early:
+            rss_early = stack.worker_rss()
+        if batch["finished_at"] is not None:
+            break
+        time.sleep(0.05)
+    assert rss_early is not None
+    return {"worker_rss_growth_pct": (stack.worker_rss() - rss_early) / rss_early * 100}
+
+
+def run(stack: BenchStack, quick: bool) -> dict[str, float]:
+    stack.fresh_database()
+    stack.start_worker()
+    try:
+        with stack.client() as client:
+            figures = engine_and_batching(stack, client, 64 if quick else 256)
+            figures |= uploads_and_orchestration(stack, client, 200 if quick else 2000)
+            figures |= interactive_start(stack, client, 10_000, 5 if quick else 20)
+            figures |= worker_rss(stack, client, 600 if quick else 5000)
+    finally:
+        stack.stop_worker()
+    with session_scope(stack.settings.database_url) as session:
+        assert session.scalar(select(Batch.id).where(Batch.finished_at.is_(None))) is None
+    return figures
