@@ -81,7 +81,7 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     from core.dispatch import Planned
 
     batches = cut([Planned(str(i), key, cost, "bulk") for i in range(n)], stack.settings)
-    requests = [ImageRequest(kind="generate", prompt=GENERATE["prompt"], width=64, height=64, steps=10, seed=i)
+    requests = [ImageRequest(kind="generate", prompt=str(GENERATE["prompt"]), width=64, height=64, steps=10, seed=i)
                 for i in range(n)]
     engine.run(requests[:1])
     started = time.perf_counter()

@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     s3_access_key: str = "step1x"
     s3_secret_key: str = "step1x-dev-secret"
     presign_seconds: int = 3600
+    # Parallel uploads per worker; the S3 connection pool is sized to match.
+    upload_concurrency: int = 8
 
     # Redis re-delivers a task unacknowledged for this long: keep it far above the longest micro-batch.
     visibility_timeout: int = 3600

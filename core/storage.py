@@ -26,6 +26,11 @@ def output_key(tenant: str, batch_id: str | None, job_id: str, index: int = 0) -
     return f"outputs/{tenant}/{batch_id or 'single'}/{job_id}{suffix}.png"
 
 
+def _no_expect_continue(request: Any, **_: Any) -> None:
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
 class Storage:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -33,12 +38,18 @@ class Storage:
 
     def _client(self, endpoint: str | None) -> Any:
         s = self.settings
-        return boto3.client(
+        client = boto3.client(
             "s3", endpoint_url=endpoint, region_name=s.s3_region,
             aws_access_key_id=s.s3_access_key, aws_secret_access_key=s.s3_secret_key,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                          retries={"max_attempts": 5, "mode": "standard"}),
+                          retries={"max_attempts": 5, "mode": "standard"},
+                          # one connection per upload thread, plus room for reads alongside
+                          max_pool_connections=s.upload_concurrency + 2),
         )
+        # botocore sends "Expect: 100-continue" with every PUT body: one more round trip per object.
+        # Outputs are small and the request is signed, so there is nothing to ask permission for.
+        client.meta.events.register("before-sign.s3.PutObject", _no_expect_continue)
+        return client
 
     @cached_property
     def client(self) -> Any:

@@ -189,9 +189,13 @@ class MicroBatch:
     def _run_group(self, engine: Engine, group: list[Outcome]) -> None:
         pending: list[tuple[Outcome, list[ImageRequest]]] = []
         for outcome in group:
+            outcome.fingerprint = fingerprint(outcome.job, engine)
+        earlier = self._earlier_outputs([o for o in group if o.job.spec.get("cache", True)])
+        for outcome in group:
             job = outcome.job
-            outcome.fingerprint = fingerprint(job, engine)
-            if job.spec.get("cache", True) and self._reuse(outcome):
+            reusable = job.spec.get("cache", True)
+            source = earlier.get((job.tenant_id, outcome.fingerprint)) if reusable else None
+            if source is not None and self._reuse(outcome, *source):
                 continue
             try:
                 requests = requests_for(job, self._image(job.tenant_id))
@@ -228,33 +232,39 @@ class MicroBatch:
             outcome.timings["run"] = round(run_seconds * len(reqs), 4)
         started = time.perf_counter()
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
-        with ThreadPoolExecutor(max_workers=4) as pool:
+        with ThreadPoolExecutor(max_workers=self.settings.upload_concurrency) as pool:
             list(pool.map(lambda item: self.storage.put(item[0], encode_png(item[1]), "image/png"), uploads))
         upload_seconds = (time.perf_counter() - started) / max(1, len(uploads))
         for outcome, reqs in pending:
             if outcome.status == JobStatus.SUCCEEDED:
                 outcome.timings["upload"] = round(upload_seconds * len(reqs), 4)
 
-    def _reuse(self, outcome: Outcome) -> bool:
+    def _earlier_outputs(self, outcomes: Sequence[Outcome]) -> dict[tuple[str, str | None], tuple[list[str], Any]]:
+        """Outputs of earlier succeeded jobs with the same fingerprint, for the whole micro-batch in
+        one query: (tenant, fingerprint) -> (output keys, result)."""
+        if not outcomes:
+            return {}
+        found: dict[tuple[str, str | None], tuple[list[str], Any]] = {}
+        with session_scope(self.settings.database_url) as session:
+            rows = session.execute(select(Job.tenant_id, Job.fingerprint, Job.output_keys, Job.result).where(
+                Job.tenant_id.in_({o.job.tenant_id for o in outcomes}),
+                Job.fingerprint.in_({o.fingerprint for o in outcomes}), Job.status == JobStatus.SUCCEEDED))
+            for tenant, print_, keys, result in rows:
+                if keys:
+                    found.setdefault((tenant, print_), (keys, result))
+        return found
+
+    def _reuse(self, outcome: Outcome, source_keys: list[str], source_result: Any) -> bool:
         """Copy the output of an earlier identical job of the same tenant instead of running again."""
         job = outcome.job
-        with session_scope(self.settings.database_url) as session:
-            source = session.execute(
-                select(Job.output_keys, Job.result).where(
-                    Job.tenant_id == job.tenant_id, Job.fingerprint == outcome.fingerprint,
-                    Job.status == JobStatus.SUCCEEDED, Job.id != job.id,
-                ).limit(1)
-            ).first()
-        if source is None or not source.output_keys:
-            return False
-        keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(source.output_keys))]
+        keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(source_keys))]
         try:
-            for src, dst in zip(source.output_keys, keys, strict=True):
+            for src, dst in zip(source_keys, keys, strict=True):
                 self.storage.copy(src, dst)
         except NotFound:  # the earlier output was deleted from the bucket: draw it again
             return False
         outcome.output_keys = keys
-        outcome.result = {**(source.result or {}), "cached": True}
+        outcome.result = {**(source_result or {}), "cached": True}
         return True
 
 
