@@ -102,12 +102,14 @@ def up(port: int = 8000, gpus: str = "all", data_dir: Path | None = None) -> Non
 def worker(gpus: Annotated[str, typer.Option(help="'all', 'cpu', or GPU indices like 0,1")] = "all",
            beat: bool = False, loglevel: str = "INFO",
            models: Annotated[str | None, typer.Option(help="model profiles served, like tiny-sd,lanczos-x4 "
-                                                          "(default: every configured profile)")] = None) -> None:
+                                                          "(default: every configured profile)")] = None,
+           calibrate: Annotated[bool, typer.Option(help="first measure each model's best micro-batch on each "
+                                                        "device; the planner uses it")] = False) -> None:
     """One Celery worker process per GPU (CUDA_VISIBLE_DEVICES-pinned); one CPU worker without GPUs.
     Each takes micro-batches only from the queues of the models it serves."""
     from workers import launcher
 
-    raise typer.Exit(launcher.run(gpus, loglevel=loglevel, beat=beat, models_spec=models))
+    raise typer.Exit(launcher.run(gpus, loglevel=loglevel, beat=beat, models_spec=models, calibrate_first=calibrate))
 
 
 @app.command()

@@ -119,10 +119,21 @@ def stop_all(procs: Sequence[subprocess.Popen[Any]], timeout: float = 20) -> Non
             proc.wait()
 
 
-def run(gpus_spec: str, loglevel: str = "INFO", beat: bool = False, models_spec: str | None = None) -> int:
+def calibrate(gpus: Sequence[str], models: Sequence[str], loglevel: str = "INFO") -> None:
+    """Measure each device's best micro-batch per model before its worker starts (one at a time:
+    the measurements must not share the machine)."""
+    for name, _, extra in worker_commands(gpus, loglevel, models=models):
+        subprocess.run([sys.executable, "-m", "workers.calibrate", "--models", ",".join(models), "--worker", name],
+                       env={**os.environ, **extra}, check=True)
+
+
+def run(gpus_spec: str, loglevel: str = "INFO", beat: bool = False, models_spec: str | None = None,
+        calibrate_first: bool = False) -> int:
     """Start the workers and supervise them until a signal or until one exits."""
     gpus = parse_gpus(gpus_spec, detect_gpus())
     models = parse_models(models_spec, list(get_settings().models))
+    if calibrate_first:
+        calibrate(gpus, models, loglevel)
     procs = start_workers(gpus, loglevel=loglevel, beat=beat, models=models)
     stopping = False
 

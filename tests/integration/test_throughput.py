@@ -17,7 +17,7 @@ from core.db import session_scope
 from core.jobs import cancel_job, counts
 from core.status import JobStatus
 from core.storage import Storage
-from core.tables import Batch, Job, utcnow
+from core.tables import Batch, Calibration, Job, utcnow
 from models.profiles import Registry
 from step1x.client import Client
 from tests.integration.helpers import api_client, png, upload
@@ -168,3 +168,20 @@ def test_micro_batches_go_to_the_queue_of_their_model(settings, tmp_path):
         stop_all(workers)
     assert client.get(f"/v1/jobs/{by_name['gen']}").json()["status"] == "queued"
     assert messages(settings) == {"bulk.tiny-sd": [[by_name["gen"]]]}
+
+
+def test_calibration_is_stored_and_the_planner_cuts_by_it(settings):
+    from core.intake import calibrated_budgets
+    from workers.calibrate import calibrate_models
+
+    [row] = calibrate_models(settings, ["lanczos-x4"], "test@host")
+    assert row.batch_size >= 1 and row.images_per_s > 0 and row.trials[0]["batch_size"] == 1
+    with session_scope(settings.database_url) as session:
+        assert calibrated_budgets(session) == {"lanczos-x4": row.pixel_budget}
+        # A device that measured two 16x16 upscales per pass: the planner follows it.
+        session.execute(update(Calibration).values(pixel_budget=2 * 16 * 16 * 16))
+    client = api_client(settings)
+    image = upload(client, png((16, 16)))
+    items = [{"custom_id": f"u{i}", "kind": "upscale", "image": image, "model": "lanczos-x4"} for i in range(5)]
+    assert client.post("/v1/batches", json={"items": items}).status_code == 202
+    assert sorted(len(ids) for ids in messages(settings)["bulk.lanczos-x4"]) == [1, 2, 2]
