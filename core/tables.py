@@ -104,10 +104,13 @@ class Job(Base):
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_status_lease", "status", "lease_until"),
         Index("ix_jobs_tenant_fingerprint", "tenant_id", "fingerprint"),
+        # A tenant's queued single jobs (batch_id NULL) for the backpressure cap, without a scan;
+        # it leads with tenant_id, so it also serves every tenant-scoped lookup.
+        Index("ix_jobs_tenant_batch_status", "tenant_id", "batch_id", "status"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
-    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"))
     custom_id: Mapped[str | None] = mapped_column(String(200))
     kind: Mapped[str] = mapped_column(String(16))

@@ -28,6 +28,9 @@ def upgrade() -> None:
     with op.batch_alter_table("batches", schema=None) as batch_op:
         for status in COUNTERS:
             batch_op.alter_column(f"{status}_count", server_default=None)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_jobs_tenant_batch_status", ["tenant_id", "batch_id", "status"], unique=False)
+        batch_op.drop_index("ix_jobs_tenant_id")
     op.create_table(
         "calibrations",
         sa.Column("profile", sa.String(length=100), nullable=False),
@@ -44,6 +47,9 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("calibrations")
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.create_index("ix_jobs_tenant_id", ["tenant_id"], unique=False)
+        batch_op.drop_index("ix_jobs_tenant_batch_status")
     with op.batch_alter_table("batches", schema=None) as batch_op:
         batch_op.drop_column("dispatched_at")
         for status in COUNTERS:
