@@ -15,9 +15,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import TypeAdapter
 
-from api.routes import batches, files, health, jobs
+from api import dashboard, metrics
+from api.routes import batches, files, health, jobs, listing
 from api.schemas import ErrorOut
 from core.coalesce import Coalescer
 from core.db import upgrade
@@ -54,14 +56,18 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         if app.state.coalescer is not None:
             app.state.coalescer.close()
 
-    app = FastAPI(title="Step1X Batch", version="0.1.0", lifespan=lifespan,
-                  description="Batch image generation for e-commerce catalogs: generate, inpaint, upscale.")
+    # /docs and /redoc with swagger-ui and redoc assets from an installed package: no CDN needed.
+    app = FastAPIOffline(title="Step1X Batch", version="0.1.0", lifespan=lifespan,
+                         description="Batch image generation for e-commerce catalogs: generate, inpaint, upscale.")
     app.state.settings = settings
     app.state.storage = Storage(settings)
     app.state.coalescer = None
     app.include_router(health.router)
-    for router in (files.router, jobs.router, batches.router):
+    for router in (files.router, jobs.router, listing.router, batches.router):
         app.include_router(router, responses=ERRORS)
+    app.state.metrics = metrics.registry_for(settings)
+    app.include_router(metrics.router)
+    dashboard.install(app, settings)
 
     @app.exception_handler(InvalidInput)
     async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:

@@ -129,6 +129,13 @@ class Settings(BaseSettings):
     pipeline_cache_size: int = 4
     prompt_cache_size: int = 1024
 
+    # Signs dashboard session cookies. Empty in development: a random secret per API process (sessions
+    # end when it restarts); production refuses to start without a real one.
+    session_secret: str = ""
+    # Each worker process serves its Prometheus metrics (micro-batch sizes, stage durations) on this
+    # port plus its GPU index; 0 turns it off.
+    worker_metrics_port: int = 0
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
         if not self.database_url:
@@ -142,6 +149,9 @@ class Settings(BaseSettings):
                 raise ConfigError(f"STEP1X_DEFAULT_MODELS[{key!r}] names unknown model profile {name!r}")
         if self.environment == "production" and self.s3_secret_key in PLACEHOLDER_SECRETS:
             raise ConfigError("STEP1X_S3_SECRET_KEY is a development placeholder: set a real secret")
+        if self.environment == "production" and (self.session_secret in PLACEHOLDER_SECRETS
+                                                 or len(self.session_secret) < 32):
+            raise ConfigError("STEP1X_SESSION_SECRET must be a random string of 32+ characters in production")
         return self
 
     @property

@@ -63,3 +63,8 @@ def batch_status(counts: Mapping[str, int], canceled: bool = False) -> BatchStat
     if total and counts.get(JobStatus.SUCCEEDED, 0) == 0 and counts.get(JobStatus.FAILED, 0) > 0:
         return BatchStatus.FAILED
     return BatchStatus.COMPLETED
+
+
+# An operator's retry starts these over (queued, attempts from zero, same ids and output keys).
+# No worker path takes it: the table above keeps them terminal for everything else.
+RETRYABLE = frozenset({JobStatus.FAILED})

@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -56,6 +57,8 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings so a key can be recognised
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # An operator key sees every tenant on the dashboard and may pause queues and drain workers.
+    operator: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class File(Base):
@@ -75,6 +78,11 @@ class File(Base):
 
 class Batch(Base):
     __tablename__ = "batches"
+    # Listing pages newest first, for one tenant or (operators) for all.
+    __table_args__ = (
+        Index("ix_batches_tenant_created", "tenant_id", "created_at"),
+        Index("ix_batches_created", "created_at"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("bat"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -93,6 +101,12 @@ class Job(Base):
         Index("ix_jobs_batch_status", "batch_id", "status"),
         Index("ix_jobs_status_lease", "status", "lease_until"),
         Index("ix_jobs_tenant_fingerprint", "tenant_id", "fingerprint"),
+        # The dashboard's overview and metrics: queue depth and oldest queued job per lane and per
+        # model read these indexes alone; throughput and failure rate range over finished_at.
+        Index("ix_jobs_status_lane_created", "status", "lane", "created_at"),
+        Index("ix_jobs_status_model_created", "status", "model", "created_at"),
+        Index("ix_jobs_finished", "finished_at"),
+        Index("ix_jobs_batch_finished", "batch_id", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
@@ -160,3 +174,15 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     stopped_at: Mapped[datetime | None] = mapped_column(DateTime)  # a clean shutdown says so
+
+
+class QueuePause(Base):
+    """A lane or a model queue an operator paused: submissions are still accepted, but workers hand
+    its messages back instead of claiming the jobs."""
+
+    __tablename__ = "queue_pauses"
+
+    scope: Mapped[str] = mapped_column(String(16), primary_key=True)  # "lane" or "model"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    paused_by: Mapped[str] = mapped_column(String(64))  # the operator's tenant name
+    paused_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)

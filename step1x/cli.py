@@ -117,7 +117,9 @@ def migrate() -> None:
 
 
 @keys_app.command("create")
-def keys_create(tenant: str) -> None:
+def keys_create(tenant: str, operator: Annotated[bool, typer.Option(
+        "--operator", help="an operator key: sees every tenant on the dashboard, may pause queues and drain "
+                           "workers")] = False) -> None:
     """Print a new API key for TENANT (created if new). Only its hash is stored: keep it."""
     from core.db import session_scope, upgrade
     from core.keys import create_key
@@ -125,7 +127,7 @@ def keys_create(tenant: str) -> None:
     settings = get_settings()
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
-        key = create_key(session, tenant)
+        key = create_key(session, tenant, operator=operator)
     typer.echo(key)
 
 

@@ -25,6 +25,7 @@ from PIL import Image
 from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
+from core import thumbs
 from core.db import session_scope
 from core.errors import NotFound, Step1XError
 from core.jobs import complete_batches
@@ -203,6 +204,7 @@ class MicroBatch:
         results = run_isolating(engine, flat)
         run_seconds = (time.perf_counter() - started) / len(flat)
         uploads: list[tuple[str, Image.Image]] = []
+        thumbnails: list[tuple[Claimed, list[tuple[str, Image.Image]]]] = []
         cursor = 0
         for outcome, reqs in pending:
             mine = results[cursor:cursor + len(reqs)]
@@ -215,6 +217,7 @@ class MicroBatch:
             keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(mine))]
             images = [r for r in mine if isinstance(r, ImageResult)]  # all of them: no failure above
             uploads.extend((key, r.image) for key, r in zip(keys, images, strict=True))
+            thumbnails.append((job, [(key, r.image) for key, r in zip(keys, images, strict=True)]))
             outcome.output_keys = keys
             outcome.result = {"seeds": [r.seed for r in images], "model": engine.name,
                               "model_hash": engine.model_hash, "versions": library_versions(), "cached": False}
@@ -223,6 +226,8 @@ class MicroBatch:
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
         with ThreadPoolExecutor(max_workers=4) as pool:
             list(pool.map(lambda item: self.storage.put(item[0], encode_png(item[1]), "image/png"), uploads))
+            list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
+                                                 self._image(t[0].tenant_id)), thumbnails))
         upload_seconds = (time.perf_counter() - started) / max(1, len(uploads))
         for outcome, reqs in pending:
             if outcome.status == JobStatus.SUCCEEDED:

@@ -16,8 +16,10 @@ from core.dispatch import RECONCILE, RUN_BATCH
 from core.settings import get_settings
 from core.storage import Storage
 from models.profiles import Registry
+from workers import telemetry
 from workers.app import app
 from workers.batch import MicroBatch
+from workers.pause import hand_back_if_paused
 from workers.reconcile import reconcile
 
 log = logging.getLogger(__name__)
@@ -32,6 +34,8 @@ def _worker_state() -> tuple[Storage, Registry]:
 
 @app.task(name=RUN_BATCH, bind=True, max_retries=5)
 def run_batch(self: Task, job_ids: list[str]) -> dict[str, Any]:
+    if hand_back_if_paused(self, get_settings(), job_ids):
+        return {"claimed": 0, "paused": True}
     storage, registry = _worker_state()
     batch = MicroBatch(get_settings(), storage, registry.get, worker=self.request.hostname or "worker")
     try:
@@ -40,6 +44,7 @@ def run_batch(self: Task, job_ids: list[str]) -> dict[str, Any]:
         countdown = min(300, 5 * 2**self.request.retries)
         log.warning("micro-batch of %d failed (%s); retrying in %ds", len(job_ids), exc, countdown)
         raise self.retry(exc=exc, countdown=countdown) from exc
+    telemetry.record(outcomes)
     return {"claimed": len(outcomes), "succeeded": sum(o.status == "succeeded" for o in outcomes)}
 
 
