@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup system demo test lint bench eval up clean
+.PHONY: setup system demo test lint bench eval up clean screenshots
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -18,10 +18,12 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed system
 
+# chromium: the browser the dashboard tests and `make screenshots` drive (never a downloaded one).
 system:
-	@if ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	@if ! command -v redis-server >/dev/null || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+			|| ! command -v chromium >/dev/null; then \
 		$(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server postgresql >/dev/null; \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq redis-server postgresql chromium >/dev/null; \
 	fi
 
 demo: setup
@@ -42,6 +44,10 @@ bench: setup
 
 eval: setup
 	$(VENV)/bin/step1x eval
+
+# The README's dashboard screenshots (docs/*.png), taken from a demo run on the embedded stack.
+screenshots: setup
+	$(PY) -m step1x.screenshots docs
 
 clean:
 	rm -rf .step1x demo-output eval-output .pytest_cache .mypy_cache .ruff_cache

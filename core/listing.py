@@ -8,13 +8,12 @@ unfinished jobs of that page (index `ix_jobs_batch_status`); rates range over `f
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Literal
 
 from sqlalchemy import String, and_, cast, func, or_, select
 from sqlalchemy.orm import Session
-from sqlalchemy.sql.elements import ColumnElement
 
 from core.errors import InvalidInput
 from core.status import JobStatus, batch_status
@@ -44,7 +43,6 @@ class Progress:
     done: int = 0
     pending: int = 0
     eta_seconds: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.status = batch_status(self.counts, self.batch.canceled).value
@@ -168,8 +166,3 @@ def job_page(session: Session, batch_id: str, status: str | None, error: str | N
     if after:
         query = query.where(Job.id > after)
     return list(session.scalars(query.order_by(Job.id).limit(limit)))
-
-
-def scoped(tenant: str | None, column: Any) -> ColumnElement[bool]:
-    """The tenant condition of a query: none for an operator."""
-    return column == tenant if tenant is not None else and_(True)

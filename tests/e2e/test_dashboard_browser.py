@@ -4,6 +4,7 @@ the API served by uvicorn on loopback, a real Celery worker, PostgreSQL, Redis a
 from __future__ import annotations
 
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from core.pauses import pause, resume
 from core.services import free_port
 from core.settings import Settings
 from core.storage import Storage, input_key
-from core.tables import Job
+from core.tables import Job, WorkerRow
 from tests.integration.helpers import mask_png, png
 from workers.launcher import start_workers, stop_all
 
@@ -180,6 +181,26 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         page.click("button:has-text('Confirm')")
         assert "canceled 5 jobs" in page.locator(".notice").inner_text()
         assert acme.get(f"/v1/batches/{waiting}").json()["status"] == "canceled"
+        with session_scope(settings.database_url) as session:
+            resume(session, "lane", "bulk")
+
+        # Drain the worker: it stops consuming (a Celery broadcast), so new work waits; undrain resumes.
+        name = f"cpu@{socket.gethostname()}"
+        with session_scope(settings.database_url) as session:  # the row its heartbeat keeps
+            session.add(WorkerRow(name=name, host=socket.gethostname(), pid=workers[0].pid, device="cpu",
+                                  queues=["interactive", "bulk"]))
+        page.goto("/dashboard/workers")
+        page.click("text=drain…")
+        assert "finishes nothing in hand now, then takes nothing more" in page.locator(".touches").inner_text()
+        page.click("button:has-text('Confirm')")
+        assert "draining" in page.locator(".notice").inner_text()
+        time.sleep(1)  # the broadcast reaches the worker
+        later = acme.post("/v1/batches", json={"items": items[:1]}).json()["id"]
+        time.sleep(3)
+        assert acme.get(f"/v1/batches/{later}").json()["status"] == "queued"
+        page.click("text=undrain…")
+        page.click("button:has-text('Confirm')")
+        _wait_status(acme, later, "completed")
 
         # The worker's own metrics: micro-batch sizes and images produced, as the database says.
         families = {f.name: f for f in text_string_to_metric_families(
@@ -187,9 +208,9 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         images = sum(s.value for s in families["step1x_images_produced"].samples if s.name.endswith("_total"))
         with session_scope(settings.database_url) as session:
             succeeded = session.scalar(select(func.count()).where(Job.status == "succeeded"))
-        assert images == succeeded == 51
+        assert images == succeeded == 52
         sizes = [s for s in families["step1x_microbatch_size"].samples if s.name.endswith("_sum")]
-        assert sum(s.value for s in sizes) >= 51
+        assert sum(s.value for s in sizes) >= 52
     finally:
         stop_all(workers)
 

@@ -102,3 +102,17 @@ def test_createbucket_makes_the_configured_bucket(services: dict[str, dict[str, 
     made = re.findall(r"mc mb (?:--ignore-existing )?local/([\w.-]+)", _command(services["createbucket"]))
     assert made == [_environment(services["api"])["STEP1X_S3_BUCKET"]]
     assert services["createbucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+def test_prometheus_scrapes_the_api_and_every_worker(services: dict[str, dict[str, Any]]) -> None:
+    prometheus = services["prometheus"]
+    [mount] = [v for v in prometheus["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro")]
+    config = yaml.safe_load((COMPOSE.parent / mount.split(":")[0]).read_text())
+    targets = {target for job in config["scrape_configs"] for group in job["static_configs"]
+               for target in group["targets"]}
+    api_port = re.search(r"--port (\d+)", _command(services["api"]))
+    assert api_port and f"api:{api_port.group(1)}" in targets
+    port = _environment(services["api"])["STEP1X_WORKER_METRICS_PORT"]
+    # Each worker is a container of its own (its GPU is device 0 inside), so all serve the same port.
+    assert {f"{name}:{port}" for name in _workers(services)} <= targets
+    assert all(target.split(":")[0] in services for target in targets)
