@@ -18,6 +18,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from bench.dashboard import bench_dashboard
+
 console = Console()
 REPEATS = 3
 
@@ -195,13 +197,16 @@ def main() -> None:
         ]
         results = []
         with Progress(console=console) as progress:
-            task = progress.add_task("benchmarks", total=len(cases) + 1)
+            task = progress.add_task("benchmarks", total=len(cases) + 2)
             for name, run in cases:
                 progress.update(task, description=name)
                 results.append(run())
                 progress.advance(task)
             progress.update(task, description="real-size UNet")
             results.extend(bench_unet())
+            progress.advance(task)
+            progress.update(task, description="dashboard over 1M jobs")
+            results.extend(bench_dashboard(workdir))
             progress.advance(task)
     table = Table(title="Step1X Batch benchmarks (median wall time; ratio = baseline / choice)")
     for column in ("case", "baseline s", "choice s", "ratio"):

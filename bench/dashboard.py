@@ -67,8 +67,9 @@ def seed(url: str) -> str:
                               f"now() AT TIME ZONE 'utc' - interval '{s + 60} minutes', now() AT TIME ZONE 'utc')"))
         conn.execute(text(f"""
             INSERT INTO jobs ({JOB_COLUMNS})
-            SELECT 'job_' || md5('bat_small' || s || '_' || g), 'acme', 'bat_small' || s, 'sku-' || g, 'upscale', 'lanczos-x4',
-                   '{{}}'::json, g, 'bulk', 'lanczos-x4|upscale|x4', 1, 'succeeded', 1, 'cpu@bench', NULL, NULL,
+            SELECT 'job_' || md5('bat_small' || s || '_' || g), 'acme', 'bat_small' || s, 'sku-' || g, 'upscale',
+                   'lanczos-x4', '{{}}'::json, g, 'bulk', 'lanczos-x4|upscale|x4', 1, 'succeeded', 1, 'cpu@bench',
+                   NULL, NULL,
                    now() AT TIME ZONE 'utc' - interval '2 hours', now() AT TIME ZONE 'utc' - interval '2 hours',
                    now() AT TIME ZONE 'utc' - interval '2 hours'
             FROM generate_series(0, {SMALL_BATCHES - 1}) AS s, generate_series(1, {SMALL}) AS g"""))

@@ -105,7 +105,7 @@ class Job(Base):
         # model read these indexes alone; throughput and failure rate range over finished_at.
         Index("ix_jobs_status_lane_created", "status", "lane", "created_at"),
         Index("ix_jobs_status_model_created", "status", "model", "created_at"),
-        Index("ix_jobs_finished", "finished_at"),
+        Index("ix_jobs_finished", "finished_at", "status"),
         Index("ix_jobs_batch_finished", "batch_id", "finished_at"),
     )
 

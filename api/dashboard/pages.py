@@ -9,6 +9,7 @@ more than the page would.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,9 @@ router = APIRouter(prefix="/dashboard", include_in_schema=False)
 templates = Jinja2Templates(directory=Path(__file__).parent / "templates")
 templates.env.filters.update(formats.FILTERS)
 TICK = 1.0  # seconds between renders of a live part: the page is at most ~2 s behind
+# Live parts computed within the last tick, shared by every stream of the same view, scope and query:
+# ten operators watching the overview cost the database one overview a second, not ten.
+_recent: dict[tuple[object, ...], tuple[float, dict[str, Any]]] = {}
 KEEPALIVE = 15  # ticks without a change before a comment line keeps proxies from closing the stream
 
 
@@ -77,10 +81,18 @@ async def _events(request: Request, name: str, build: Callable[[], dict[str, Any
         # A revoked key or an expired session ends the stream, as it would end page loads.
         if await current_viewer(request) is None:
             return
+        key = (id(request.app), name, viewer.scope, request.url.path, request.url.query)
+        cached = _recent.get(key)
+        if cached and time.monotonic() - cached[0] < TICK:
+            context = cached[1]
+            continue
         try:
             context = await run_in_threadpool(build)
         except NotFound:
             return
+        if len(_recent) > 1000:
+            _recent.clear()
+        _recent[key] = (time.monotonic(), context)
 
 
 @router.get("")

@@ -16,7 +16,7 @@ depends_on = None
 JOB_INDEXES = {
     "ix_jobs_status_lane_created": ["status", "lane", "created_at"],
     "ix_jobs_status_model_created": ["status", "model", "created_at"],
-    "ix_jobs_finished": ["finished_at"],
+    "ix_jobs_finished": ["finished_at", "status"],
     "ix_jobs_batch_finished": ["batch_id", "finished_at"],
 }
 BATCH_INDEXES = {

@@ -110,15 +110,15 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         with session_scope(settings.database_url) as session:
             pause(session, "model", "tiny-sd", "ops")
         items = [{"custom_id": f"sku-{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
-                  "steps": 12, "seed": i} for i in range(48)]
+                  "steps": 4, "seed": i} for i in range(32)]
         batch_id = acme.post("/v1/batches", json={"items": items}).json()["id"]
 
         page = log_in(browser, stack, "ops")
         page.goto("/dashboard")
         bulk = page.locator('table[data-scope="lane"] tr[data-queue="bulk"] [data-field="queued"]')
         model = page.locator('table[data-scope="model"] tr[data-queue="tiny-sd"] [data-field="queued"]')
-        assert int(bulk.inner_text()) == queued_in(settings, lane="bulk") == 48
-        assert int(model.inner_text()) == queued_in(settings, model="tiny-sd") == 48
+        assert int(bulk.inner_text()) == queued_in(settings, lane="bulk") == 32
+        assert int(model.inner_text()) == queued_in(settings, model="tiny-sd") == 32
         assert "paused" in page.locator('table[data-scope="model"] tr[data-queue="tiny-sd"]').inner_text()
 
         # The progress bar moves while the batch runs, with no reload: the page marker survives.
@@ -129,18 +129,18 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         with session_scope(settings.database_url) as session:
             resume(session, "model", "tiny-sd")
         seen = {0}
-        deadline = time.monotonic() + 90
-        while progress(page, batch_id) < 48:
+        deadline = time.monotonic() + 180
+        while progress(page, batch_id) < 32:
             seen.add(progress(page, batch_id))
             assert time.monotonic() < deadline, f"progress stuck at {sorted(seen)}"
             time.sleep(0.1)
         assert page.evaluate("window.__sameDocument") is True
-        assert len(seen) >= 1 and 48 not in seen
+        assert 32 not in seen
 
         # The batch page shows the contact sheet from presigned thumbnails (WebP, never the outputs).
         page.goto(f"/dashboard/batches/{batch_id}")
         thumbs = page.locator(".sheet img")
-        assert thumbs.count() == 48
+        assert thumbs.count() == 32
         first = thumbs.first.get_attribute("src") or ""
         assert "/thumbs/acme/" in first and ".webp" in first
         assert httpx.get(first).headers["content-type"] == "image/webp"
@@ -165,7 +165,7 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         page.click("button:has-text('Confirm')")
         assert "retried 3 failed jobs" in page.locator(".notice").inner_text()
         page.wait_for_function("document.querySelector('[data-field=status]').textContent === 'completed'",
-                               timeout=60_000)
+                               timeout=120_000)
         jobs = acme.get(f"/v1/batches/{failing}/jobs").json()["data"]
         assert sorted(j["id"] for j in jobs) == ids_before
         assert {(j["status"], j["attempts"]) for j in jobs} == {("succeeded", 1)}
@@ -194,9 +194,9 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         assert "finishes nothing in hand now, then takes nothing more" in page.locator(".touches").inner_text()
         page.click("button:has-text('Confirm')")
         assert "draining" in page.locator(".notice").inner_text()
-        time.sleep(1)  # the broadcast reaches the worker
+        time.sleep(0.5)  # the broadcast reaches the worker
         later = acme.post("/v1/batches", json={"items": items[:1]}).json()["id"]
-        time.sleep(3)
+        time.sleep(2)
         assert acme.get(f"/v1/batches/{later}").json()["status"] == "queued"
         page.click("text=undrain…")
         page.click("button:has-text('Confirm')")
@@ -208,14 +208,14 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         images = sum(s.value for s in families["step1x_images_produced"].samples if s.name.endswith("_total"))
         with session_scope(settings.database_url) as session:
             succeeded = session.scalar(select(func.count()).where(Job.status == "succeeded"))
-        assert images == succeeded == 52
+        assert images == succeeded == 36
         sizes = [s for s in families["step1x_microbatch_size"].samples if s.name.endswith("_sum")]
-        assert sum(s.value for s in sizes) >= 52
+        assert sum(s.value for s in sizes) >= 36
     finally:
         stop_all(workers)
 
 
-def _wait_status(client: httpx.Client, batch_id: str, status: str, timeout: float = 60) -> None:
+def _wait_status(client: httpx.Client, batch_id: str, status: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while client.get(f"/v1/batches/{batch_id}").json()["status"] != status:
         assert time.monotonic() < deadline, client.get(f"/v1/batches/{batch_id}").json()
