@@ -8,7 +8,6 @@ tenant, so they need an operator key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Request
@@ -35,6 +34,7 @@ class Plan:
     title: str
     touches: str  # what the action will touch, in words, with counts
     back: str  # where to go afterwards
+    tenant: str | None = None  # whose work it touches, when it is one tenant's
 
 
 def _split(target: str) -> tuple[str, str]:
@@ -63,10 +63,10 @@ def describe(session: Session, viewer: Viewer, action: str, target: str) -> Plan
             return Plan(f"Cancel batch {batch.id}?",
                         f"{c['queued']:,} queued and {c['running']:,} running jobs of tenant {batch.tenant_id} "
                         f"will be canceled; {c['succeeded']:,} succeeded and {c['failed']:,} failed jobs keep "
-                        "their results.", back)
+                        "their results.", back, batch.tenant_id)
         return Plan(f"Retry {c['failed']:,} failed jobs of batch {batch.id}?",
                     f"{c['failed']:,} failed jobs of tenant {batch.tenant_id} are queued again: new attempts, "
-                    "the same job ids and output keys.", back)
+                    "the same job ids and output keys.", back, batch.tenant_id)
     if action == "cancel-job":
         job = views.find_job(session, viewer, target)
         return Plan(f"Cancel job {job.id}?", f"Job {job.custom_id or job.id} ({job.kind}, {job.model}) is "
@@ -93,14 +93,13 @@ def describe(session: Session, viewer: Viewer, action: str, target: str) -> Plan
 
 
 def perform(session: Session, settings: Settings, viewer: Viewer, action: str, target: str) -> str:
-    """Does it; returns what happened, for the notice on the next page."""
+    """Does it (all but retry, which commits and dispatches on its own); returns what happened, for
+    the notice on the next page."""
     if action in OPERATOR_ONLY:
         require_operator(viewer)
-    if action in ("cancel-batch", "retry-batch"):
+    if action == "cancel-batch":
         batch = views.find_batch(session, viewer, target)
-        if action == "cancel-batch":
-            return f"canceled {jobs.cancel_batch(session, batch.tenant_id, batch.id):,} jobs"
-        return ""  # retried after this transaction (see `act`): it commits and dispatches on its own
+        return f"canceled {jobs.cancel_batch(session, batch.tenant_id, batch.id):,} jobs"
     if action == "cancel-job":
         job = views.find_job(session, viewer, target)
         return f"job is {jobs.cancel_job(session, job.tenant_id, job.id).status}"
@@ -141,11 +140,10 @@ async def act(request: Request, viewer: ViewerDep, action: str, target: str = Fo
     def run() -> tuple[str, str]:
         with session_scope(settings.database_url) as session:
             plan = describe(session, viewer, action, target)
-            done = perform(session, settings, viewer, action, target)
-            owner: Any = views.find_batch(session, viewer, target).tenant_id if action == "retry-batch" else None
-        if action == "retry-batch":
-            done = f"retried {operate.retry_failed(settings, owner, target):,} failed jobs"
-        return plan.back, done
+            if action != "retry-batch":
+                return plan.back, perform(session, settings, viewer, action, target)
+        assert plan.tenant is not None
+        return plan.back, f"retried {operate.retry_failed(settings, plan.tenant, target):,} failed jobs"
 
     try:
         back, done = await run_in_threadpool(run)
