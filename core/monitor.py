@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from core.status import JobStatus
-from core.tables import Job, WorkerRow, utcnow
+from core.tables import Job, WorkerRow, WorkerSample, utcnow
 
 PENDING = (JobStatus.QUEUED, JobStatus.RUNNING)
 
@@ -116,3 +116,14 @@ def workers(session: Session, since: timedelta = timedelta(hours=1)) -> list[Wor
     cutoff = utcnow() - since
     return list(session.scalars(select(WorkerRow).where(WorkerRow.heartbeat_at >= cutoff)
                                 .order_by(WorkerRow.name)))
+
+
+def memory_history(session: Session, minutes: int = 60) -> dict[str, list[int]]:
+    """Each worker's sampled resident memory over the last `minutes`, oldest first."""
+    since = utcnow() - timedelta(minutes=minutes)
+    out: dict[str, list[int]] = {}
+    rows = session.execute(select(WorkerSample.worker, WorkerSample.rss_bytes)
+                           .where(WorkerSample.at >= since).order_by(WorkerSample.worker, WorkerSample.at))
+    for worker, rss in rows:
+        out.setdefault(worker, []).append(rss or 0)
+    return out

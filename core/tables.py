@@ -186,3 +186,16 @@ class QueuePause(Base):
     name: Mapped[str] = mapped_column(String(100), primary_key=True)
     paused_by: Mapped[str] = mapped_column(String(64))  # the operator's tenant name
     paused_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WorkerSample(Base):
+    """A worker process's memory and output count, recorded after a micro-batch at most once a minute:
+    the workers page's last-hour history. Older samples are pruned as new ones come."""
+
+    __tablename__ = "worker_samples"
+
+    worker: Mapped[str] = mapped_column(String(200), primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, primary_key=True, index=True)
+    rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    images: Mapped[int] = mapped_column(BigInteger, default=0)  # produced by this process so far

@@ -44,7 +44,7 @@ def run_batch(self: Task, job_ids: list[str]) -> dict[str, Any]:
         countdown = min(300, 5 * 2**self.request.retries)
         log.warning("micro-batch of %d failed (%s); retrying in %ds", len(job_ids), exc, countdown)
         raise self.retry(exc=exc, countdown=countdown) from exc
-    telemetry.record(outcomes)
+    telemetry.record(outcomes, self.request.hostname or "worker")
     return {"claimed": len(outcomes), "succeeded": sum(o.status == "succeeded" for o in outcomes)}
 
 

@@ -2,7 +2,8 @@
 
 Recorded in the process that runs the micro-batch (the Celery pool child) and served from it on
 `STEP1X_WORKER_METRICS_PORT` + the GPU index, so every worker on every host is a scrape target of its
-own; nothing is aggregated through a shared directory or the database.
+own; nothing is aggregated through a shared directory or the database. The one thing written to the
+database is a sample of memory and images at most once a minute, for the dashboard's workers page.
 """
 
 from __future__ import annotations
@@ -11,13 +12,18 @@ import logging
 import os
 import resource
 import sys
+import time
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 from celery.signals import worker_process_init
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from sqlalchemy import delete
 
+from core.db import session_scope
 from core.settings import get_settings
+from core.tables import WorkerSample, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +54,40 @@ Gauge("step1x_worker_process_rss_bytes", "Resident memory of this worker process
 Gauge("step1x_worker_process_gpu_memory_bytes", "GPU memory torch holds in this process").set_function(_gpu_bytes)
 
 
-def record(outcomes: Sequence[Any]) -> None:
-    """One micro-batch's outcomes (`workers.batch.Outcome`)."""
+SAMPLE_EVERY = 60.0
+KEEP_SAMPLES = timedelta(hours=2)
+_last_sample = [0.0]
+_images = [0]
+
+
+def record(outcomes: Sequence[Any], worker: str) -> None:
+    """One micro-batch's outcomes (`workers.batch.Outcome`), run by `worker` (its Celery name)."""
     by_model: dict[str, int] = {}
     for outcome in outcomes:
         model = outcome.job.model
         by_model[model] = by_model.get(model, 0) + 1
         JOBS.labels(str(outcome.status), model).inc()
         IMAGES.labels(model).inc(len(outcome.output_keys))
+        _images[0] += len(outcome.output_keys)
         for stage, seconds in outcome.timings.items():
             STAGE_SECONDS.labels(stage, model).observe(seconds)
     for model, size in by_model.items():
         BATCH_SIZE.labels(model).observe(size)
+    if time.monotonic() - _last_sample[0] >= SAMPLE_EVERY:
+        _last_sample[0] = time.monotonic()
+        try:
+            sample(worker)
+        except Exception as exc:  # history is a nicety: never fail a finished micro-batch for it
+            log.warning("worker sample not recorded: %s", exc)
+
+
+def sample(worker: str) -> None:
+    now = utcnow()
+    with session_scope(get_settings().database_url) as session:
+        session.add(WorkerSample(worker=worker, at=now, rss_bytes=int(_rss_bytes()),
+                                 gpu_memory_bytes=int(_gpu_bytes()), images=_images[0]))
+        session.execute(delete(WorkerSample).where(WorkerSample.worker == worker,
+                                                   WorkerSample.at < now - KEEP_SAMPLES))
 
 
 def metrics_port(base: int, visible_devices: str | None) -> int:

@@ -36,9 +36,10 @@ def bar_chart(values: Sequence[float], failed: Sequence[float] = (), width: int 
     return Markup("".join(parts))
 
 
-def sparkline(values: Sequence[float], width: int = 180, height: int = 32) -> Markup:
+def sparkline(values: Sequence[float], width: int = 180, height: int = 32, unit: str = "/s") -> Markup:
     top = max([*values, 0.0]) or 1.0
     step = width / max(1, len(values) - 1)
     points = " ".join(f"{i * step:.1f},{height - 2 - (height - 4) * v / top:.1f}" for i, v in enumerate(values))
-    return Markup(f'<svg class="spark" viewBox="0 0 {width} {height}" role="img" '
-                  f'aria-label="max {_fmt(max([*values, 0.0]))}/s"><polyline points="{points}"/></svg>')
+    label = f"max {_fmt(top / 2**20)} MiB" if unit == "B" else f"max {_fmt(max([*values, 0.0]))}{unit}"
+    return Markup(f'<svg class="spark" viewBox="0 0 {width} {height}" role="img" aria-label="{escape(label)}">'
+                  f'<title>{escape(label)}</title><polyline points="{points}"/></svg>')

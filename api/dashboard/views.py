@@ -152,5 +152,7 @@ def job(session: Session, viewer: Viewer, params: Mapping[str, str], storage: St
 def workers(session: Session, viewer: Viewer, params: Mapping[str, str], storage: Storage) -> dict[str, Any]:
     rows: list[WorkerRow] = monitor.workers(session)
     history = monitor.per_worker_minute(session, 60)
+    memory = monitor.memory_history(session, 60)
     return {"now": utcnow(), "workers": rows,
-            "history": {name: sparkline([n / 60 for n in counts]) for name, counts in history.items()}}
+            "history": {name: sparkline([n / 60 for n in counts]) for name, counts in history.items()},
+            "memory": {name: sparkline([float(v) for v in values], unit="B") for name, values in memory.items()}}

@@ -1,4 +1,4 @@
-"""dashboard: operator keys, queue pauses, indexes for the overview and batch listing
+"""dashboard: operator keys, queue pauses, worker samples, indexes for the overview and batch listing
 
 Revision ID: 0003_dashboard
 Revises: 0002
@@ -36,6 +36,16 @@ def upgrade() -> None:
         sa.Column("paused_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("scope", "name"),
     )
+    op.create_table(
+        "worker_samples",
+        sa.Column("worker", sa.String(length=200), nullable=False),
+        sa.Column("at", sa.DateTime(), nullable=False),
+        sa.Column("rss_bytes", sa.BigInteger(), nullable=True),
+        sa.Column("gpu_memory_bytes", sa.BigInteger(), nullable=True),
+        sa.Column("images", sa.BigInteger(), nullable=False),
+        sa.PrimaryKeyConstraint("worker", "at"),
+    )
+    op.create_index("ix_worker_samples_at", "worker_samples", ["at"], unique=False)
     for name, columns in JOB_INDEXES.items():
         op.create_index(name, "jobs", columns, unique=False)
     for name, columns in BATCH_INDEXES.items():
@@ -47,6 +57,8 @@ def downgrade() -> None:
         op.drop_index(name, table_name="batches")
     for name in JOB_INDEXES:
         op.drop_index(name, table_name="jobs")
+    op.drop_index("ix_worker_samples_at", table_name="worker_samples")
+    op.drop_table("worker_samples")
     op.drop_table("queue_pauses")
     with op.batch_alter_table("api_keys", schema=None) as batch_op:
         batch_op.drop_column("operator")

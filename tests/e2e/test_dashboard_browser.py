@@ -190,6 +190,8 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
             session.add(WorkerRow(name=name, host=socket.gethostname(), pid=workers[0].pid, device="cpu",
                                   queues=["interactive", "bulk"]))
         page.goto("/dashboard/workers")
+        row = page.locator(f'tr[data-worker="{name}"]')
+        assert "MiB" in (row.locator("svg.spark title").last.text_content() or "")  # sampled memory history
         page.click("text=drain…")
         assert "finishes nothing in hand now, then takes nothing more" in page.locator(".touches").inner_text()
         page.click("button:has-text('Confirm')")
