@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.dashboard.charts import bar_chart, sparkline
-from api.dashboard.session import Viewer
+from api.dashboard.session import Viewer, require_operator
 from core import listing, monitor
 from core.errors import InvalidInput, NotFound
 from core.pauses import paused
@@ -150,6 +150,7 @@ def job(session: Session, viewer: Viewer, params: Mapping[str, str], storage: St
 
 
 def workers(session: Session, viewer: Viewer, params: Mapping[str, str], storage: Storage) -> dict[str, Any]:
+    require_operator(viewer)  # a worker's micro-batch holds any tenant's job ids
     rows: list[WorkerRow] = monitor.workers(session)
     history = monitor.per_worker_minute(session, 60)
     memory = monitor.memory_history(session, 60)

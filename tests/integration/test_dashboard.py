@@ -122,6 +122,7 @@ def test_a_tenant_never_reaches_another_tenants_batch(settings):
     overview = intruder.get("/dashboard").text
     assert re.search(r'data-queue="bulk"', overview) is None  # acme's queued jobs are not counted here
     # Operator-only actions and pages refuse a tenant key.
+    assert intruder.get("/dashboard/workers").status_code == 403
     assert intruder.post("/dashboard/actions/pause", data={"target": "lane:bulk", "csrf": csrf}).status_code == 403
     assert acme.get(f"/v1/batches/{batch_id}").json()["counts"]["queued"] == 2
 
