@@ -76,6 +76,9 @@ class Storage:
             raise
         return True
 
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+
     def copy(self, source_key: str, key: str) -> None:
         self.client.copy_object(Bucket=self.bucket, Key=key,
                                 CopySource={"Bucket": self.bucket, "Key": source_key})

@@ -12,14 +12,18 @@ def test_gpu_selection():
         parse_gpus("0,3", ["0", "1"])
 
 
-def test_one_pinned_named_worker_per_gpu():
-    commands = worker_commands(["0", "1"], beat=True)
+def test_one_pinned_named_worker_per_gpu_and_one_control_process():
+    *commands, control = worker_commands(["0", "1"], control=True)
     assert [env["CUDA_VISIBLE_DEVICES"] for _, _, env in commands] == ["0", "1"]
     names = [name.split("@")[0] for name, _, _ in commands]
     assert names == ["gpu0", "gpu1"]
-    assert "--beat" in commands[0][1] and "--beat" not in commands[1][1]
     for _, argv, _ in commands:
         assert argv[argv.index("--concurrency") + 1] == "1"
+        assert "--beat" not in argv and "workers.app" in argv
+    name, argv, env = control
+    assert name.startswith("control@") and env == {"CUDA_VISIBLE_DEVICES": ""}
+    assert argv[argv.index("-A") + 1] == "workers.control" and argv[argv.index("-Q") + 1] == "control"
+    assert argv[argv.index("--pool") + 1] == "threads" and "--beat" in argv
 
 
 def test_cpu_worker_hides_gpus():
