@@ -27,6 +27,7 @@ reconciler is missing.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -65,16 +66,22 @@ def _seeing_since(session: Session, settings: Settings, now: datetime) -> dateti
     return datetime.fromisoformat(since) if since else now
 
 
-def _workers(session: Session, settings: Settings, now: datetime) -> tuple[list[str], dict[str, set[str]]]:
-    """(names of dead workers, live workers -> the job ids in their hands)."""
+@dataclass
+class _Live:
+    started_at: datetime  # when the process now heartbeating under this name started
+    holding: set[str]  # the job ids in its hands
+
+
+def _workers(session: Session, settings: Settings, now: datetime) -> tuple[list[str], dict[str, _Live]]:
+    """(names of dead workers, live workers by name)."""
     silent = now - timedelta(seconds=settings.worker_dead_after)
     dead, alive = [], {}
     for row in session.execute(select(WorkerRow.name, WorkerRow.heartbeat_at, WorkerRow.stopped_at,
-                                      WorkerRow.current)):
+                                      WorkerRow.started_at, WorkerRow.current)):
         if row.stopped_at is not None or row.heartbeat_at < silent:
             dead.append(row.name)
         else:
-            alive[row.name] = set((row.current or {}).get("job_ids", []))
+            alive[row.name] = _Live(row.started_at, set((row.current or {}).get("job_ids", [])))
     return dead, alive
 
 
@@ -85,8 +92,11 @@ def _recoverable(session: Session, settings: Settings, now: datetime, judge: boo
     if not judge:  # every heartbeat may just be unheard yet: only workers with no row at all are lost
         known = [*dead, *alive]
         return and_(running, expired, Job.worker.not_in(known)), false()
-    lost = and_(running, or_(Job.worker.in_(dead), and_(expired, Job.worker.not_in(list(alive)))))
-    held = [job_id for ids in alive.values() for job_id in ids]
+    # A worker restarted under the same name (a replaced pool process, a restarted container) holds
+    # nothing it claimed before it started: the process that did is gone.
+    replaced = [and_(Job.worker == name, Job.started_at < live.started_at) for name, live in alive.items()]
+    lost = and_(running, or_(Job.worker.in_(dead), *replaced, and_(expired, Job.worker.not_in(list(alive)))))
+    held = [job_id for live in alive.values() for job_id in live.holding]
     return lost, and_(running, expired, Job.worker.in_(list(alive)), Job.id.not_in(held))
 
 

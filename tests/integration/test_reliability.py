@@ -73,22 +73,25 @@ def test_a_run_cut_short_before_its_hand_back_is_taken_over_without_a_charge(set
 
 
 def test_the_reconciler_recovers_a_dead_workers_jobs_before_their_lease_ends(settings):
-    _, [dead_job, abandoned_job, busy_job] = upscales(settings, api_client(settings), 3)
+    _, [dead_job, abandoned_job, busy_job, replaced_job] = upscales(settings, api_client(settings), 4)
     worker_row(settings, "dead@h", heartbeat_age=settings.worker_dead_after + 5)
     worker_row(settings, "live@h", heartbeat_age=0, current={"job_ids": [busy_job]})
     with session_scope(settings.database_url) as session:
         claim(session, [dead_job], "dead@h", settings)
         claim(session, [abandoned_job, busy_job], "live@h", settings)
+        claim(session, [replaced_job], "restarted@h", settings)
         session.execute(update(Job).where(Job.id.in_([abandoned_job, busy_job]))
                         .values(lease_until=utcnow() - timedelta(seconds=1)))
+    worker_row(settings, "restarted@h", heartbeat_age=0)  # a new process under the same name since the claim
     redis.Redis.from_url(settings.redis_url).flushdb()
     # Its first pass cannot tell a dead worker from one it has not heard yet.
     assert reconcile(settings)["requeued"] == 0
     seeing_for_long(settings)
-    assert reconcile(settings)["requeued"] == 2
+    assert reconcile(settings)["requeued"] == 3
     # The dead worker's job is charged (the item may have killed it); the live worker's abandoned run
     # (its hand-back was lost to infrastructure trouble) is not; the job in the live worker's hands stays.
-    assert (job(settings, dead_job).status, job(settings, dead_job).attempts) == ("queued", 1)
+    for lost in (dead_job, replaced_job):
+        assert (job(settings, lost).status, job(settings, lost).attempts) == ("queued", 1)
     assert (job(settings, abandoned_job).status, job(settings, abandoned_job).attempts) == ("queued", 0)
     assert job(settings, busy_job).status == "running"
     assert redis.Redis.from_url(settings.redis_url).llen("bulk") >= 1  # sent again at once
