@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     s3_access_key: str = "step1x"
     s3_secret_key: str = "step1x-dev-secret"
     presign_seconds: int = 3600
+    # boto3's own tries per S3 call before the micro-batch counts as interrupted and is retried whole.
+    s3_max_attempts: int = 5
 
     # Redis re-delivers a task unacknowledged for this long: keep it far above the longest micro-batch.
     visibility_timeout: int = 3600

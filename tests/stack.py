@@ -95,4 +95,4 @@ class Stack:
 
     def stop(self) -> None:
         self.client.close()
-        stop_all([p for p in (self.api, self.worker, self.control) if p is not None])
+        stop_all([p for p in (self.api, self.worker, self.control) if p is not None], timeout=5)

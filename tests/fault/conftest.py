@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, func, select
 
 from core.db import session_scope
 from core.services import ChildService, start_postgres, start_redis, start_seaweedfs
@@ -74,8 +74,14 @@ def restart_redis(redis_service: ChildService, services_dir: Path) -> Callable[[
 
 
 @pytest.fixture
-def stop_postgres(postgres_service: ChildService, services_dir: Path) -> Callable[[], Iterator[None]]:
-    return lambda: stopped(postgres_service, lambda: start_postgres(services_dir, postgres_service.port))
+def stop_postgres(postgres_service: ChildService, services_dir: Path, postgres_admin: Engine
+                  ) -> Callable[[], Iterator[None]]:
+    def start() -> ChildService:
+        started = start_postgres(services_dir, postgres_service.port)
+        postgres_admin.dispose()  # its pooled connections died with the server
+        return started
+
+    return lambda: stopped(postgres_service, start)
 
 
 @pytest.fixture
