@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from workers.launcher import parse_gpus, worker_commands
@@ -29,3 +33,11 @@ def test_one_pinned_named_worker_per_gpu_and_one_control_process():
 def test_cpu_worker_hides_gpus():
     [(name, _, env)] = worker_commands([])
     assert name.startswith("cpu@") and env == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_the_control_process_never_imports_torch(tmp_path):
+    """It must start in a second and stay small: the reconciler never waits for a model library."""
+    code = "import sys, workers.control; print(sorted(m for m in ('torch', 'diffusers', 'cv2') if m in sys.modules))"
+    env = {**os.environ, "STEP1X_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"
