@@ -23,8 +23,10 @@ from step1x.client import Client
 from workers.launcher import start_control, start_workers, stop_all
 
 # Recovery on a test's time scale: what takes minutes in production takes seconds here.
+# A worker is dead after 8 s of silence: on two busy cores a pool process loading a model can go
+# quiet for seconds (production waits 30 s).
 FAST = {"LEASE_SECONDS": "60", "RECONCILE_INTERVAL": "1", "REDISPATCH_AFTER": "3", "NEVER_SENT_AFTER": "5",
-        "HEARTBEAT_INTERVAL": "0.5", "WORKER_DEAD_AFTER": "3", "OUTAGE_RETRY_BASE": "0.5",
+        "HEARTBEAT_INTERVAL": "0.5", "WORKER_DEAD_AFTER": "8", "OUTAGE_RETRY_BASE": "0.5",
         "OUTAGE_RETRY_MAX": "2", "PROGRESS_INTERVAL": "0.5"}
 
 
