@@ -78,7 +78,7 @@ def test_workers_killed_mid_batch(stack):
 
 
 def test_redis_restarted_empty_then_flushed_with_a_backlog(stack, restart_redis, redis_service):
-    batch = stack.client.create_batch(generation(48, 1))  # three micro-batches: a backlog behind the first
+    batch = stack.client.create_batch(generation(64, 10))  # four micro-batches: a backlog behind the first
     wait_until(lambda: running_count(stack.settings) > 0, 90, "the batch to start", stack)
     with restart_redis():
         time.sleep(1)
