@@ -27,7 +27,7 @@ from workers.launcher import start_control, start_workers, stop_all
 # quiet for seconds (production waits 30 s).
 FAST = {"LEASE_SECONDS": "60", "RECONCILE_INTERVAL": "1", "REDISPATCH_AFTER": "3", "NEVER_SENT_AFTER": "5",
         "HEARTBEAT_INTERVAL": "0.5", "WORKER_DEAD_AFTER": "8", "OUTAGE_RETRY_BASE": "0.5",
-        "OUTAGE_RETRY_MAX": "2", "PROGRESS_INTERVAL": "0.5"}
+        "OUTAGE_RETRY_MAX": "2", "PROGRESS_INTERVAL": "0.1"}
 
 
 class Stack:
@@ -91,9 +91,9 @@ class Stack:
         os.killpg(self.worker.pid, signal.SIGKILL)
         self.worker.wait()
 
-    def log(self, name: str) -> str:
+    def log(self, name: str, tail: int = 4000) -> str:
         path = self.logs / (f"{name}.log" if name == "api" else f"worker-{name}.log")
-        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+        return path.read_text(errors="replace")[-tail:] if path.exists() else ""
 
     def stop(self) -> None:
         self.client.close()

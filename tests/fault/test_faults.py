@@ -35,7 +35,7 @@ from tests.fault.conftest import (
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
 
-def slow_batch_running(stack, prefix: str, count: int = 4, steps: int = 40) -> tuple[dict, set[str]]:
+def slow_batch_running(stack, prefix: str, count: int = 4, steps: int = 150) -> tuple[dict, set[str]]:
     """A batch of slower generations, returned once the worker is in its forward pass (progress
     recorded, not finished), with the ids in its hands."""
     batch = stack.client.create_batch(generation(count, steps, prefix))
@@ -97,32 +97,37 @@ def test_redis_restarted_empty_then_flushed_with_a_backlog(stack, restart_redis,
 
 @pytest.mark.parametrize("stack", [{"S3_MAX_ATTEMPTS": "2"}], indirect=True)
 def test_storage_and_database_outages(stack, stop_s3, stop_postgres):
-    """S3 down 12 s interrupts a micro-batch more often than a job has attempts (three interrupted
-    runs used to use them up and fail it); then PostgreSQL is down 6 s while a micro-batch is in its
-    forward pass, so it can neither record its end nor hand its jobs back: the retry takes that run
-    over. Every job succeeds, charged one attempt."""
+    """S3 stays down until a micro-batch was interrupted as often as a job has attempts (three
+    interrupted runs used to use them up and fail it); then PostgreSQL stays down from inside a
+    forward pass until that run has failed to record its end and to hand its jobs back: the retry
+    takes that run over. Every job succeeds, charged one attempt."""
     settings = stack.settings
     batch = stack.client.create_batch(generation(48, 2, "s"))
     wait_until(lambda: first_done(stack, batch), 90, "the first micro-batch", stack)  # the next is in hand
+    down = time.monotonic()
     with stop_s3():
-        time.sleep(12)
-    back = now()
+        # Down until the micro-batch in hand was interrupted three times (however fast this machine is).
+        wait_until(lambda: stack.log("cpu", 10**7).count("interrupted (EndpointConnectionError") >= 3, 120,
+                   "three interruptions", stack)
+    outage, back = time.monotonic() - down, now()
     s3 = wait_until(lambda: claimed_since(settings, back) or all_terminal(settings), 60, "work after S3", stack)
     stack.client.wait_batch(batch["id"], timeout=180)
     s3_runs = max(job.claims for job in jobs(settings))
     assert s3_runs - 1 >= settings.max_attempts, "the outage interrupted too little to prove anything"
-    report("S3 down 12 s", f"work flowing again {s3:.1f} s after S3 was back; a micro-batch interrupted "
-           f"{s3_runs - 1} times, every job charged 1 attempt")
+    report(f"S3 down {outage:.0f} s", f"work flowing again {s3:.1f} s after S3 was back; a micro-batch "
+           f"interrupted {s3_runs - 1} times, every job charged 1 attempt")
 
     batch, held = slow_batch_running(stack, "p")
+    down = time.monotonic()
     with stop_postgres():
-        time.sleep(6)  # the forward pass ends meanwhile: its end cannot be recorded, nor the jobs handed back
-    back = now()
+        # Down until the forward pass has ended and failed to record its end or hand its jobs back.
+        wait_until(lambda: "could not hand back" in stack.log("cpu", 10**7), 120, "the failed hand-back", stack)
+    outage, back = time.monotonic() - down, now()
     pg = wait_until(lambda: claimed_since(settings, back, held), 60, "the interrupted run taken over", stack)
     stack.client.wait_batch(batch["id"], timeout=180)
     assert {job.claims for job in jobs(settings) if job.id in held} == {2}  # taken over once, uncharged
-    report("PostgreSQL down 6 s", f"the micro-batch it interrupted taken over {pg:.1f} s after it was back, "
-           "uncharged")
+    report(f"PostgreSQL down {outage:.0f} s", f"the micro-batch it interrupted taken over {pg:.1f} s after it "
+           "was back, uncharged")
 
     check_invariants(settings, max_claims=20, max_attempts=1)
 
