@@ -54,7 +54,12 @@ class JobOut(BaseModel):
     status: str
     seed: int
     attempts: int
+    progress: float = Field(description="0..1 while it runs (diffusion steps, upscale tiles); 1 when it succeeded")
     error: str | None
+    error_code: str | None = Field(
+        description="why it failed or stopped: invalid_input, model_unavailable, engine_error, outage, "
+                    "worker_lost or canceled")
+    retryable: bool | None = Field(description="whether the same job sent again could succeed")
     outputs: list[Output]
     timings: dict[str, Any] = Field(description="queued/started/finished times and seconds per stage")
     result: dict[str, Any] | None = Field(description="seeds, model hash, whether the output was reused")
@@ -68,7 +73,8 @@ class JobOut(BaseModel):
         timings = {"queued_at": _z(job.created_at), "started_at": _z(job.started_at),
                    "finished_at": _z(job.finished_at), **(job.timings or {})}
         return cls(id=job.id, batch_id=job.batch_id, custom_id=job.custom_id, kind=job.kind, model=job.model,
-                   status=job.status, seed=job.seed, attempts=job.attempts, error=job.error, outputs=outputs,
+                   status=job.status, seed=job.seed, attempts=job.attempts, progress=job.progress, error=job.error,
+                   error_code=job.error_code, retryable=job.retryable, outputs=outputs,
                    timings=timings, result=job.result, spec=job.spec)
 
 

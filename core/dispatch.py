@@ -106,8 +106,12 @@ def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: flo
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
+        # The reconciler runs in the control process, never behind a micro-batch; a run nobody took
+        # in time expires instead of piling up while that process is away.
+        task_routes={RECONCILE: {"queue": CONTROL}},
         beat_schedule={
-            "reconcile": {"task": RECONCILE, "schedule": reconcile_interval, "options": {"queue": "interactive"}},
+            "reconcile": {"task": RECONCILE, "schedule": reconcile_interval,
+                          "options": {"queue": CONTROL, "expires": reconcile_interval}},
         },
     )
     return app

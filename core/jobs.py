@@ -7,6 +7,7 @@ it does.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -15,8 +16,8 @@ from sqlalchemy.orm import Session
 
 from core.db import session_scope
 from core.errors import NotFound
-from core.status import BatchStatus, JobStatus, batch_status, sources_of
-from core.tables import Batch, Job, utcnow
+from core.status import BatchStatus, ErrorCode, JobStatus, batch_status, failure, sources_of
+from core.tables import Batch, Job, ReconcilerRun, utcnow
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:
@@ -47,14 +48,16 @@ def summary(session: Session, batch: Batch) -> tuple[BatchStatus, dict[str, int]
 def _cancel(session: Session, *criteria: Any) -> int:
     result = session.execute(
         update(Job).where(*criteria, Job.status.in_(sources_of(JobStatus.CANCELED)))
-        .values(status=JobStatus.CANCELED, finished_at=utcnow(), lease_until=None)
+        .values(status=JobStatus.CANCELED, finished_at=utcnow(), lease_until=None, **failure(ErrorCode.CANCELED))
     )
     assert isinstance(result, CursorResult)
     return result.rowcount
 
 
 def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
-    """Cancel a job that has not finished; a finished job is returned as it is."""
+    """Cancel a job that has not finished; a finished job is returned as it is. A running job's
+    worker sees the cancel within about a second and stops at the next step or tile; nothing it
+    made is kept."""
     job = get_job(session, tenant, job_id)
     _cancel(session, Job.id == job.id)
     if job.batch_id:
@@ -121,3 +124,12 @@ def complete_batches(session: Session, batch_ids: Iterable[str]) -> list[str]:
         if result.rowcount:
             stamped.append(batch_id)
     return stamped
+
+
+RECONCILER = "reconciler"  # the one row of reconciler_runs
+
+
+def reconciler_ran_at(session: Session) -> datetime | None:
+    """When the reconciler last ran through, if it ever did."""
+    row = session.get(ReconcilerRun, RECONCILER)
+    return row.ran_at if row else None

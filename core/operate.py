@@ -17,7 +17,7 @@ from core.db import session_scope
 from core.errors import NotFound
 from core.jobs import get_batch
 from core.settings import Settings
-from core.status import RETRYABLE, JobStatus
+from core.status import OPERATOR_RETRYABLE, JobStatus
 from core.submit import send
 from core.tables import Batch, Job, WorkerRow
 
@@ -29,9 +29,10 @@ def retry_failed(settings: Settings, tenant: str, batch_id: str) -> int:
     with session_scope(settings.database_url) as session:
         batch = get_batch(session, tenant, batch_id)
         planned = [dispatch.Planned(*row) for row in session.execute(
-            update(Job).where(Job.batch_id == batch.id, Job.status.in_(RETRYABLE))
+            update(Job).where(Job.batch_id == batch.id, Job.status.in_(OPERATOR_RETRYABLE))
             .values(status=JobStatus.QUEUED, attempts=0, error=None, worker=None, lease_until=None,
-                    started_at=None, finished_at=None, dispatched_at=None, output_keys=None, result=None)
+                    started_at=None, finished_at=None, dispatched_at=None, output_keys=None, result=None,
+                    error_code=None, retryable=None, progress=0.0, outage_since=None)
             .returning(Job.id, Job.group_key, Job.cost, Job.lane),
             execution_options={"synchronize_session": False})]
         if planned:

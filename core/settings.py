@@ -96,6 +96,8 @@ class Settings(BaseSettings):
     s3_access_key: str = "step1x"
     s3_secret_key: str = "step1x-dev-secret"
     presign_seconds: int = 3600
+    # boto3's own tries per S3 call before the micro-batch counts as interrupted and is retried whole.
+    s3_max_attempts: int = 5
 
     # Redis re-delivers a task unacknowledged for this long: keep it far above the longest micro-batch.
     visibility_timeout: int = 3600
@@ -104,7 +106,22 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     # A queued job with no progress after this long is dispatched again (its message may be lost).
     redispatch_after: int = 600
-    reconcile_interval: float = 30.0
+    # A job stored this long ago and never stamped as sent lost its dispatch (the API died at commit).
+    never_sent_after: float = 60.0
+    # The control process runs the reconciler this often; /readyz reports it stale past 3 intervals.
+    reconcile_interval: float = 10.0
+    # Infrastructure trouble (S3, database, broker) never uses up a job's attempts: its micro-batch
+    # is retried with backoff (doubling from the base up to the cap) for up to the outage budget,
+    # then its jobs fail with error_code "outage".
+    outage_budget: float = 1800.0
+    outage_retry_base: float = 2.0
+    outage_retry_max: float = 60.0
+    # Each worker records itself in the workers table this often; one silent for worker_dead_after
+    # is dead and the reconciler takes its running jobs back.
+    heartbeat_interval: float = 5.0
+    worker_dead_after: float = 30.0
+    # How often a running micro-batch records progress and looks for a cancel (seconds).
+    progress_interval: float = 1.0
 
     # A single interactive job waits at most this long for others to share its micro-batch (0: never).
     coalesce_ms: int = 20

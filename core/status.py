@@ -29,6 +29,26 @@ class BatchStatus(StrEnum):
     CANCELED = "canceled"  # every job is terminal and the batch was canceled
 
 
+class ErrorCode(StrEnum):
+    """Why a job failed or stopped, for machines; the job's `error` says it for people."""
+
+    INVALID_INPUT = "invalid_input"  # the item cannot run as given: fix it
+    MODEL_UNAVAILABLE = "model_unavailable"  # its model's weights are missing or the profile is wrong
+    ENGINE_ERROR = "engine_error"  # the model broke on this item
+    OUTAGE = "outage"  # S3, the database or the broker stayed down longer than STEP1X_OUTAGE_BUDGET
+    WORKER_LOST = "worker_lost"  # every attempt's worker died under it
+    CANCELED = "canceled"  # the user canceled it
+
+
+# Failures that the same job, sent again once the cause is gone, may survive.
+RETRYABLE = frozenset({ErrorCode.MODEL_UNAVAILABLE, ErrorCode.OUTAGE, ErrorCode.WORKER_LOST})
+
+
+def failure(code: ErrorCode) -> dict[str, object]:
+    """The columns recording a failure's code, for an UPDATE's values."""
+    return {"error_code": code.value, "retryable": code in RETRYABLE}
+
+
 TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
 
 _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
@@ -67,4 +87,4 @@ def batch_status(counts: Mapping[str, int], canceled: bool = False) -> BatchStat
 
 # An operator's retry starts these over (queued, attempts from zero, same ids and output keys).
 # No worker path takes it: the table above keeps them terminal for everything else.
-RETRYABLE = frozenset({JobStatus.FAILED})
+OPERATOR_RETRYABLE = frozenset({JobStatus.FAILED})

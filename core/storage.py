@@ -37,7 +37,7 @@ class Storage:
             "s3", endpoint_url=endpoint, region_name=s.s3_region,
             aws_access_key_id=s.s3_access_key, aws_secret_access_key=s.s3_secret_key,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
-                          retries={"max_attempts": 5, "mode": "standard"}),
+                          retries={"max_attempts": s.s3_max_attempts, "mode": "standard"}),
         )
 
     @cached_property
@@ -75,6 +75,9 @@ class Storage:
                 return False
             raise
         return True
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=key)
 
     def copy(self, source_key: str, key: str) -> None:
         self.client.copy_object(Bucket=self.bucket, Key=key,

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, update
+from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -136,6 +136,24 @@ def remember(session: Session, tenant: str, key: str | None, digest: str, resour
         session.add(IdempotencyKey(tenant_id=tenant, key=key, request_hash=digest, resource_id=resource_id))
 
 
+def dispatch_undispatched(settings: Settings, tenant: str, resource: str) -> int:
+    """A replay of a request whose first try was stored but not (fully) sent, say because the API
+    died at the commit: send what was never sent, now, instead of waiting for the reconciler.
+    A job sent twice costs nothing (the second claim skips it)."""
+    owned = or_(Job.batch_id == resource, Job.id == resource)
+    try:
+        with session_scope(settings.database_url) as session:
+            rows = session.execute(select(Job.id, Job.group_key, Job.cost, Job.lane).where(
+                owned, Job.tenant_id == tenant, Job.status == "queued", Job.dispatched_at.is_(None))).all()
+            if rows:
+                send(session, settings, [dispatch.Planned(*row) for row in rows])
+                log.warning("replay of %s dispatched %d jobs its first request left unsent", resource, len(rows))
+    except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
+        log.warning("dispatch of %s on replay failed, the reconciler will retry: %s", resource, exc)
+        return 0
+    return len(rows)
+
+
 def send_committed(settings: Settings, planned: Sequence[dispatch.Planned]) -> None:
     with session_scope(settings.database_url) as session:
         send(session, settings, planned)
@@ -153,8 +171,10 @@ def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: b
     try:
         with session_scope(settings.database_url) as session:
             earlier = replayed(session, tenant, idempotency_key, digest)
-            if earlier is not None:
-                return earlier, False
+        if earlier is not None:
+            dispatch_undispatched(settings, tenant, earlier)
+            return earlier, False
+        with session_scope(settings.database_url) as session:
             accepted = accept(session, settings, tenant, items, as_batch=as_batch, metadata=metadata)
             resource = accepted.batch.id if accepted.batch else accepted.jobs[0]["id"]
             remember(session, tenant, idempotency_key, digest, resource)

@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -123,10 +124,23 @@ class Job(Base):
     group_key: Mapped[str] = mapped_column(String(200))
     cost: Mapped[int] = mapped_column(Integer)  # pixels it adds to a forward pass
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED, index=True)
+    # Runs charged to the item: a claim charges one, a hand-back for infrastructure trouble refunds
+    # it, so only the item's own failures and lost workers count toward STEP1X_MAX_ATTEMPTS.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # Every claim, charged or not: the fence that tells one run from the next (never decreases).
+    claims: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # When infrastructure trouble (S3, database, broker) first handed this job back; cleared when it
+    # runs through. Past STEP1X_OUTAGE_BUDGET of it the job fails with error_code "outage".
+    outage_since: Mapped[datetime | None] = mapped_column(DateTime)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime)
     worker: Mapped[str | None] = mapped_column(String(200))
     error: Mapped[str | None] = mapped_column(Text)
+    # Machine-readable cause of a failure or cancel (core.status.ErrorCode) and whether trying the
+    # same job again could succeed.
+    error_code: Mapped[str | None] = mapped_column(String(32))
+    retryable: Mapped[bool | None] = mapped_column(Boolean)
+    # 0..1 while it runs (diffusion steps, upscale tiles), written at most about once a second.
+    progress: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
     output_keys: Mapped[list[str] | None] = mapped_column(JSON)
     # seed(s), model hash, library versions, whether the output came from the identical-job cache
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
@@ -148,6 +162,17 @@ class IdempotencyKey(Base):
     request_hash: Mapped[str] = mapped_column(String(64))
     resource_id: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class ReconcilerRun(Base):
+    """When the reconciler last ran through (one row per deployment): `/readyz` reports a stale one,
+    so a deployment without its control process is visible."""
+
+    __tablename__ = "reconciler_runs"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ran_at: Mapped[datetime] = mapped_column(DateTime)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
 class WorkerRow(Base):

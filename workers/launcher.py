@@ -2,7 +2,7 @@
 
 Each worker runs one micro-batch at a time (concurrency 1, prefetch 1): a GPU does one forward pass
 at a time anyway, and a second message waiting in a busy worker would only delay another GPU.
-Without a GPU, one CPU worker.
+Without a GPU, one CPU worker. Beside them, optionally, the control process.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.dispatch import LANES
+from core.dispatch import CONTROL, LANES
 from core.services import die_with_parent
 
 
@@ -49,10 +49,11 @@ def parse_gpus(spec: str, available: Sequence[str]) -> list[str]:
     return wanted
 
 
-def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", beat: bool = False
+def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", control: bool = False
                     ) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(name, argv, extra env) per worker process. `beat` embeds the periodic reconciler in the first
-    worker (one machine, no separate beat process); production runs `celery beat` once instead."""
+    """(name, argv, extra env) per process: one inference worker per GPU (or one CPU worker), then,
+    with `control`, the control process (reconciler and beat). Run exactly one control process per
+    deployment: each runs a beat."""
     host = socket.gethostname()
     base = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency", "1",
             "--prefetch-multiplier", "1", "-Q", ",".join(LANES), "--loglevel", loglevel]
@@ -62,26 +63,43 @@ def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", beat: bool = Fa
     else:
         commands = [(f"gpu{g}@{host}", [*base, "-n", f"gpu{g}@{host}"], {"CUDA_VISIBLE_DEVICES": g})
                     for g in gpus]
-    if beat:
-        commands[0][1].append("--beat")
+    if control:
+        commands.append(control_command(loglevel))
     return commands
 
 
+def control_command(loglevel: str = "INFO") -> tuple[str, list[str], dict[str, str]]:
+    """The light control process: a thread-pool Celery worker on the control queue, with the beat.
+    It imports no torch, so recovery never waits behind (or for) inference."""
+    name = f"control@{socket.gethostname()}"
+    argv = [sys.executable, "-m", "celery", "-A", "workers.control", "worker", "-n", name, "-Q", CONTROL,
+            "--pool", "threads", "--concurrency", "4", "--loglevel", loglevel, "--beat"]
+    return name, argv, {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def start_workers(gpus: Sequence[str], log_dir: Path | None = None, loglevel: str = "INFO",
-                  env: dict[str, str] | None = None, beat: bool = False) -> list[subprocess.Popen[Any]]:
-    procs = []
-    for name, argv, extra in worker_commands(gpus, loglevel, beat):
-        with contextlib.ExitStack() as files:
-            out: Any = None
-            if log_dir is not None:
-                log_dir.mkdir(parents=True, exist_ok=True)
-                out = files.enter_context((log_dir / f"worker-{name.split('@')[0]}.log").open("ab"))
-            # Own process group, so stopping can reach Celery's pool children too; SIGTERM (warm
-            # shutdown) if the launcher itself dies. The child keeps its own copy of the log file.
-            procs.append(subprocess.Popen(argv, env={**os.environ, **(env or {}), **extra}, stdout=out,
-                                          stderr=subprocess.STDOUT if out else None, start_new_session=True,
-                                          preexec_fn=die_with_parent(signal.SIGTERM)))
-    return procs
+                  env: dict[str, str] | None = None, control: bool = False) -> list[subprocess.Popen[Any]]:
+    return [spawn(name, argv, {**(env or {}), **extra}, log_dir)
+            for name, argv, extra in worker_commands(gpus, loglevel, control)]
+
+
+def start_control(log_dir: Path | None = None, loglevel: str = "INFO", env: dict[str, str] | None = None
+                  ) -> subprocess.Popen[Any]:
+    name, argv, extra = control_command(loglevel)
+    return spawn(name, argv, {**(env or {}), **extra}, log_dir)
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path | None) -> subprocess.Popen[Any]:
+    with contextlib.ExitStack() as files:
+        out: Any = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            out = files.enter_context((log_dir / f"worker-{name.split('@')[0]}.log").open("ab"))
+        # Own process group, so stopping can reach Celery's pool children too; SIGTERM (warm
+        # shutdown) if the launcher itself dies. The child keeps its own copy of the log file.
+        return subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
 
 
 def stop_all(procs: Sequence[subprocess.Popen[Any]], timeout: float = 20) -> None:
@@ -101,9 +119,10 @@ def stop_all(procs: Sequence[subprocess.Popen[Any]], timeout: float = 20) -> Non
 
 
 def run(gpus_spec: str, loglevel: str = "INFO", beat: bool = False) -> int:
-    """Start the workers and supervise them until a signal or until one exits."""
+    """Start the workers and supervise them until a signal or until one exits. `beat` also starts
+    the control process (the reconciler and its beat): do it on one machine of a deployment."""
     gpus = parse_gpus(gpus_spec, detect_gpus())
-    procs = start_workers(gpus, loglevel=loglevel, beat=beat)
+    procs = start_workers(gpus, loglevel=loglevel, control=beat)
     stopping = False
 
     def _stop(*_: Any) -> None:

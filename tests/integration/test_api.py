@@ -147,7 +147,7 @@ def test_readiness_checks_every_service(settings):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "s3": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "s3": "ok", "reconciler": "ok"}
     broken = api_client(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
     response = broken.get("/readyz")
     assert response.status_code == 503

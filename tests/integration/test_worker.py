@@ -71,6 +71,8 @@ def test_a_micro_batch_runs_stores_and_finishes(settings, worker):
     assert {k: j.status for k, j in jobs.items()} == {"fill": "succeeded", "empty": "failed", "up": "succeeded",
                                                       "gen": "succeeded"}
     assert "mask is empty" in jobs["empty"].error
+    assert (jobs["empty"].error_code, jobs["empty"].retryable) == ("invalid_input", False)
+    assert jobs["up"].progress == 1.0 and jobs["up"].error_code is None
     storage = Storage(settings)
     sizes = {"fill": (96, 64), "up": (384, 256), "gen": (96, 72)}
     for name, size in sizes.items():
@@ -152,6 +154,7 @@ def test_reconciler_requeues_lost_jobs_and_gives_up_after_max_attempts(settings,
     jobs = jobs_of(settings, batch_id)
     assert jobs["lost"].status == "queued"
     assert jobs["doomed"].status == "failed" and "gave up after" in jobs["doomed"].error
+    assert jobs["doomed"].error_code == "worker_lost"
     worker.run([jobs["lost"].id])
     assert client.get(f"/v1/batches/{batch_id}").json()["status"] == "completed"
     assert reconcile(settings) == {"requeued": 0, "failed": 0, "redispatched": 0}
@@ -181,20 +184,29 @@ def test_a_model_that_cannot_load_fails_its_jobs_with_the_reason(settings, worke
     job = jobs_of(settings, batch_id)["up"]
     assert (outcome.status, job.status, job.attempts) == ("failed", "failed", 1)
     assert "step1x models pull realesrgan-x4" in job.error
+    assert (job.error_code, job.retryable) == ("model_unavailable", True)
     assert client.get(f"/v1/batches/{batch_id}").json()["status"] == "failed"
 
 
-def test_release_requeues_while_attempts_remain_then_fails(settings):
+def test_infrastructure_trouble_never_uses_attempts_until_the_outage_budget(settings):
     _, job_id = one_upscale(settings, api_client(settings))
-    for attempt in range(1, settings.max_attempts + 1):
+    for claim_number in range(1, 3 * settings.max_attempts + 1):  # far more hand-backs than attempts
         with session_scope(settings.database_url) as session:
-            [held] = claim(session, [job_id], f"w{attempt}", settings)
+            [held] = claim(session, [job_id], f"w{claim_number}", settings)
         release(settings, [held], "S3 unreachable")
         with session_scope(settings.database_url) as session:
             job = session.get(Job, job_id)
-            expected = "queued" if attempt < settings.max_attempts else "failed"
-            assert (job.status, job.attempts) == (expected, attempt)
-    assert job.error == f"gave up after {settings.max_attempts} attempts: S3 unreachable"
+            assert (job.status, job.attempts, job.claims) == ("queued", 0, claim_number)
+            assert job.outage_since is not None and job.error == "S3 unreachable"
+    with session_scope(settings.database_url) as session:  # the trouble has now lasted past the budget
+        session.execute(update(Job).where(Job.id == job_id).values(
+            outage_since=utcnow() - timedelta(seconds=settings.outage_budget + 1)))
+        [held] = claim(session, [job_id], "late", settings)
+    release(settings, [held], "S3 unreachable")
+    with session_scope(settings.database_url) as session:
+        job = session.get(Job, job_id)
+    assert (job.status, job.error_code, job.retryable, job.attempts) == ("failed", "outage", True, 0)
+    assert "outage budget" in job.error and "S3 unreachable" in job.error
 
 
 def test_the_heartbeat_keeps_a_long_run_leased(settings):

@@ -12,7 +12,7 @@ import yaml
 from core.settings import Settings
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
-APP_SERVICES = ("api", "beat")
+APP_SERVICES = ("api", "control")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,16 @@ def test_each_worker_owns_one_distinct_gpu_and_name(services: dict[str, dict[str
     assert len(set(names)) == len(names), f"two workers share a node name: {names}"
 
 
-def test_beat_runs_the_reconciler_schedule(services: dict[str, dict[str, Any]]) -> None:
-    assert _command(services["beat"]).startswith("celery -A workers.app beat")
+def test_one_control_process_runs_the_reconciler_and_beat(services: dict[str, dict[str, Any]]) -> None:
+    command = _command(services["control"])
+    assert command.startswith("celery -A workers.control worker")
+    assert "-Q control" in command and "--pool threads" in command and "--beat" in command
+    beats = [name for name, service in services.items() if "--beat" in _command(service)
+             or " beat" in _command(service).split(" worker")[0]]
+    assert beats == ["control"]
+    for worker in _workers(services).values():  # inference workers never take control work
+        queues = re.search(r"-Q (\S+)", _command(worker))
+        assert queues and "control" not in queues.group(1).split(",")
 
 
 def test_backing_services_and_api_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:
