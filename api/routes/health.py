@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from api.deps import SettingsDep, StorageDep
+from api.schemas import ReadyOut
 from core.db import ping
 
 router = APIRouter(tags=["health"])
@@ -18,7 +19,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyOut,
+            responses={503: {"model": ReadyOut, "description": "a service named in `checks` is down"}})
 def readyz(settings: SettingsDep, storage: StorageDep) -> JSONResponse:
     """Database, Redis and S3 each answer (readiness): 503 naming the ones that do not."""
     checks: dict[str, Any] = {}

@@ -70,7 +70,7 @@ def test_a_bad_batch_is_rejected_whole_listing_every_item(settings):
         {"custom_id": "size", "kind": "inpaint", "mode": "fill", "image": image, "mask": small_mask},
         {"custom_id": "mode", "kind": "inpaint", "mode": "blur", "image": image, "mask": small_mask},
         {"custom_id": "steps", "kind": "generate", "prompt": "x", "steps": 500},
-        {"custom_id": "nofile", "kind": "upscale", "image": "0" * 64},
+        {"custom_id": "nofile", "kind": "upscale", "image": "0" * 64, "model": "lanczos-x4"},
     ]
     response = client.post("/v1/batches", json={"items": items})
     assert response.status_code == 422
