@@ -73,7 +73,9 @@ def parse_manifest(text: str, max_depth: int) -> list[Any]:
 
 @router.post("/manifest", status_code=202, response_model=BatchOut, responses=REPLAY,
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/x-ndjson": {"schema": {"type": "string", "description": "one job spec per line"}}}}})
+                 "application/x-ndjson": {"schema": {
+                     "type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/JobSpec"},
+                     "description": "JSONL: one job spec per line, each with a custom_id"}}}}})
 async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
                                idempotency_key: IdempotencyKey = None,
                                metadata: Annotated[str | None, Query(description="JSON object")] = None

@@ -44,4 +44,5 @@ def readyz(settings: SettingsDep, storage: StorageDep) -> JSONResponse:
         checks["s3"] = str(exc)
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
-                        status_code=200 if ready else 503)
+                        status_code=200 if ready else 503,
+                        headers=None if ready else {"Retry-After": str(settings.unavailable_retry_after)})
