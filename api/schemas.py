@@ -27,17 +27,24 @@ class ErrorOut(BaseModel):
     errors: list[FieldErrorOut] = Field(default_factory=list)
 
 
+class ReadyOut(BaseModel):
+    status: str = Field(description="ok, or unavailable")
+    checks: dict[str, str] = Field(description="database, redis, s3, reconciler: ok, or why not")
+
+
 class FileOut(BaseModel):
     id: str = Field(description="sha256 of the bytes; pass it as image, mask or edges")
     content_type: str
     width: int
     height: int
     size_bytes: int
+    mask_coverage: float | None = Field(
+        description="share of the pixels a mask made of this file redraws (0: empty, 1: all)")
 
     @classmethod
     def of(cls, row: File) -> FileOut:
         return cls(id=row.id, content_type=row.content_type, width=row.width, height=row.height,
-                   size_bytes=row.size_bytes)
+                   size_bytes=row.size_bytes, mask_coverage=row.mask_coverage)
 
 
 class Output(BaseModel):
@@ -84,8 +91,10 @@ class JobPage(BaseModel):
 
 
 class BatchIn(BaseModel):
-    items: list[dict[str, Any]] = Field(description="job specs, each with a custom_id unique in the batch")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    items: list[dict[str, Any]] = Field(min_length=1, description="job specs, each with a custom_id unique in "
+                                                                   "the batch")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="yours, returned as is: a JSON object "
+                                                                       "(STEP1X_MAX_METADATA_BYTES)")
 
 
 class BatchOut(BaseModel):

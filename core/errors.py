@@ -3,10 +3,13 @@
     Step1XError
     ├── ConfigError            settings are wrong: fix the environment / profile
     ├── InvalidInput           a request is wrong: fix the named item and field (HTTP 422)
-    │   └── InvalidImage       bytes that are not a usable image, or sizes that disagree
+    │   ├── InvalidImage       bytes that are not a usable image, or sizes that disagree
+    │   └── TooLarge           a request body or upload over its size limit (HTTP 413)
+    ├── TooManyRequests        too many failed attempts from one address: wait (HTTP 429)
     ├── NotFound               no such resource for this tenant (HTTP 404, also across tenants)
     ├── Conflict               the request clashes with existing state (HTTP 409)
-    ├── ServiceUnavailable     a backing service (database, Redis, S3) cannot be reached (HTTP 503)
+    ├── ServiceUnavailable     a backing service (database, Redis, S3) cannot be reached (HTTP 503,
+    │                          with Retry-After)
     └── EngineError            a model failed on a job; the job fails with this message
         └── ModelNotAvailable  a profile's weights are missing: pull or configure them
 """
@@ -48,6 +51,16 @@ class InvalidInput(Step1XError):
 
 class InvalidImage(InvalidInput):
     pass
+
+
+class TooLarge(InvalidInput):
+    pass
+
+
+class TooManyRequests(Step1XError):
+    def __init__(self, message: str, retry_after: int) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
 
 
 class NotFound(Step1XError):

@@ -129,6 +129,22 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 40 * 1024 * 1024
     max_manifest_bytes: int = 200 * 1024 * 1024
     max_image_side: int = 8192
+    # Any other request body (JSON). A 100,000-item catalog in JSON is ~30 MB.
+    max_request_bytes: int = 64 * 1024 * 1024
+    # Free-form metadata (a batch's, `?metadata=` of a manifest), serialized as JSON.
+    max_metadata_bytes: int = 16 * 1024
+    # Nesting of any JSON a client sends: deeper documents are refused before they reach a
+    # recursive parser or serializer.
+    max_json_depth: int = 32
+    # Failed API-key checks per client address and window before answering 429 (counted in Redis,
+    # so every API process sees the same count). A valid key is never held back.
+    auth_failure_limit: int = 20
+    auth_failure_window: int = 60
+    # Retry-After (seconds) sent with a 503 while the database, Redis or S3 is down.
+    unavailable_retry_after: int = 5
+    # Refuse at submit a job whose model's weights are not on disk. Turn off when the API runs on
+    # a host without the workers' model directory.
+    check_weights_at_submit: bool = True
 
     models_dir: Path | None = None  # default: data_dir / "models"
     models: dict[str, ModelProfile] = Field(default_factory=dict)

@@ -6,8 +6,10 @@ its output instead of leaving a duplicate.
 
 from __future__ import annotations
 
+import re
 from functools import cached_property
 from typing import Any
+from urllib.parse import quote
 
 import boto3
 from botocore.config import Config
@@ -24,6 +26,15 @@ def input_key(tenant: str, file_id: str) -> str:
 def output_key(tenant: str, batch_id: str | None, job_id: str, index: int = 0) -> str:
     suffix = "" if index == 0 else f"-{index}"
     return f"outputs/{tenant}/{batch_id or 'single'}/{job_id}{suffix}.png"
+
+
+def attachment(filename: str) -> str:
+    """A Content-Disposition for a download named after user text (RFC 6266): an ASCII `filename`
+    for old clients, and the exact name percent-encoded in UTF-8 as `filename*` (RFC 5987).
+    Quotes, backslashes, path separators and control characters never reach the header."""
+    name = re.sub(r'[\x00-\x1f\x7f-\x9f/\\]', "_", filename) or "download"
+    fallback = re.sub(r'[^ -~]|["%]', "_", name)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='!#$&+-.^_`|~')}"
 
 
 class Storage:
@@ -86,7 +97,7 @@ class Storage:
     def presign_get(self, key: str, filename: str | None = None) -> str:
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if filename:
-            params["ResponseContentDisposition"] = f'attachment; filename="{filename}"'
+            params["ResponseContentDisposition"] = attachment(filename)
         url: str = self.public_client.generate_presigned_url(
             "get_object", Params=params, ExpiresIn=self.settings.presign_seconds
         )

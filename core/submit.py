@@ -24,7 +24,7 @@ from core.db import session_scope
 from core.errors import Conflict, FieldError, InvalidInput
 from core.files import files_by_id
 from core.settings import Settings
-from core.specs import AnySpec, InpaintSpec, UpscaleSpec, input_files, parse_items
+from core.specs import AnySpec, InpaintSpec, UpscaleSpec, check_mask, input_files, parse_items
 from core.tables import Batch, IdempotencyKey, Job, new_id, utcnow
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], setting
             errors.append(FieldError("image", f"{image.width}x{image.height} exceeds {limit} px per side "
                                               f"for model {spec.model!r}", name))
         if isinstance(spec, InpaintSpec):
+            errors.extend(check_mask(spec, files[spec.mask], name))
             for field in ("mask", "edges"):
                 other = files.get(refs.get(field, ""))
                 if other is not None and (other.width, other.height) != (image.width, image.height):

@@ -75,6 +75,8 @@ class File(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     storage_key: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Fraction of pixels a mask made of this file redraws (core.masks); null for rows from before it.
+    mask_coverage: Mapped[float | None] = mapped_column(Float)
 
 
 class Batch(Base):

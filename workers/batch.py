@@ -30,6 +30,7 @@ from core import thumbs
 from core.db import session_scope
 from core.errors import InvalidInput, NotFound, Step1XError
 from core.jobs import complete_batches
+from core.masks import as_mask
 from core.settings import Settings
 from core.specs import parse_item
 from core.status import RETRYABLE, ErrorCode, JobStatus, failure, sources_of
@@ -129,7 +130,7 @@ def requests_for(job: Claimed, images: Callable[[str], Image.Image]) -> list[Ima
     data["prompt"] = data.get("prompt") or ""  # fill and structure modes may omit it
     for name in ("image", "mask", "edges"):
         if data.get(name) is not None:
-            data[name] = images(data[name]).convert("L" if name == "mask" else "RGB")
+            data[name] = as_mask(images(data[name])) if name == "mask" else images(data[name]).convert("RGB")
     count = job.spec.get("num_images", 1)
     seed = job.spec["seed"]
     return [ImageRequest(kind=spec.kind, seed=seed + i, label=job.label, **data) for i in range(count)]

@@ -8,11 +8,12 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import IdempotencyKey, SettingsDep, StorageDep, TenantDep
+from api.deps import CursorDep, IdempotencyKey, SettingsDep, StorageDep, TenantDep, known_id
 from api.schemas import BatchIn, BatchOut, JobOut, JobPage
 from core import jobs
 from core.db import session_scope
 from core.errors import FieldError, InvalidInput
+from core.limits import check_metadata, loads
 from core.settings import Settings
 from core.status import JobStatus
 from core.submit import submit
@@ -27,11 +28,18 @@ def _batch_out(settings: Settings, tenant: str, batch_id: str) -> BatchOut:
         return BatchOut.of(batch, status, counts)
 
 
-@router.post("", status_code=202, response_model=BatchOut)
+REPLAY: dict[int | str, dict[str, Any]] = {
+    200: {"model": BatchOut, "description": "a replay: this Idempotency-Key and body created the batch earlier"}}
+
+
+@router.post("", status_code=202, response_model=BatchOut, responses=REPLAY)
 def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Response,
            idempotency_key: IdempotencyKey = None) -> BatchOut:
     """Submit a catalog batch. Every item is validated first: one bad item rejects the whole request
     with 422 listing every bad item and field, and nothing is stored."""
+    metadata_errors = check_metadata(body.metadata, settings)
+    if metadata_errors:
+        raise InvalidInput(metadata_errors)
     batch_id, created = submit(settings, tenant, body.items, as_batch=True, metadata=body.metadata,
                                idempotency_key=idempotency_key, body=body.model_dump())
     if not created:
@@ -39,7 +47,7 @@ def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Re
     return _batch_out(settings, tenant, batch_id)
 
 
-def parse_manifest(text: str) -> list[Any]:
+def parse_manifest(text: str, max_depth: int) -> list[Any]:
     """JSONL: one item per line; blank lines and lines starting with # are skipped. An item that
     cannot be named by its custom_id is named by its line."""
     items, errors = [], []
@@ -48,7 +56,7 @@ def parse_manifest(text: str) -> list[Any]:
             continue
         where = f"line {number}"
         try:
-            item = json.loads(line)
+            item = loads(line, max_depth)
         except json.JSONDecodeError as exc:
             errors.append(FieldError("item", f"not valid JSON: {exc.msg}", where))
             continue
@@ -63,31 +71,30 @@ def parse_manifest(text: str) -> list[Any]:
     return items
 
 
-@router.post("/manifest", status_code=202, response_model=BatchOut,
+@router.post("/manifest", status_code=202, response_model=BatchOut, responses=REPLAY,
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/x-ndjson": {"schema": {"type": "string", "description": "one job spec per line"}}}}})
+                 "application/x-ndjson": {"schema": {
+                     "type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/JobSpec"},
+                     "description": "JSONL: one job spec per line, each with a custom_id"}}}}})
 async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
                                idempotency_key: IdempotencyKey = None,
                                metadata: Annotated[str | None, Query(description="JSON object")] = None
                                ) -> BatchOut:
-    """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`)."""
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > settings.max_manifest_bytes:
-            raise InvalidInput(f"the manifest is over the {settings.max_manifest_bytes}-byte limit: "
-                               "split the catalog into several batches", "body")
+    """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`), at most
+    STEP1X_MAX_MANIFEST_BYTES (413 past it: split the catalog into several batches)."""
+    raw = await request.body()  # bounded by api.guard
     try:
-        meta = json.loads(metadata) if metadata else {}
+        meta = loads(metadata, settings.max_json_depth) if metadata else {}
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"not valid JSON: {exc.msg}", "metadata") from None
-    if not isinstance(meta, dict):
-        raise InvalidInput("must be a JSON object", "metadata")
+    metadata_errors = check_metadata(meta, settings)
+    if metadata_errors:
+        raise InvalidInput(metadata_errors)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"the manifest is not UTF-8 (byte {exc.start})", "body") from None
-    items = parse_manifest(text)
+    items = await run_in_threadpool(parse_manifest, text, settings.max_json_depth)
     body = {"items": items, "metadata": meta}
     batch_id, created = await run_in_threadpool(
         submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body)
@@ -98,13 +105,15 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
 
 @router.get("/{batch_id}", response_model=BatchOut)
 def read(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
+    known_id("batch", batch_id)
     return _batch_out(settings, tenant, batch_id)
 
 
 @router.get("/{batch_id}/jobs", response_model=JobPage)
 def list_jobs(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep,
-              status: JobStatus | None = None, cursor: str | None = None,
+              cursor: CursorDep, status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobPage:
+    known_id("batch", batch_id)
     with session_scope(settings.database_url) as session:
         page = jobs.page(session, tenant, batch_id, status, cursor, limit)
         data = [JobOut.of(job, storage) for job in page]
@@ -115,6 +124,7 @@ def list_jobs(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: 
             responses={200: {"content": {"application/x-ndjson": {}}}})
 def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> StreamingResponse:
     """JSONL, one line per item: custom_id, status, output URL(s) or error."""
+    known_id("batch", batch_id)
     with session_scope(settings.database_url) as session:
         jobs.get_batch(session, tenant, batch_id)  # 404 before streaming starts
 
@@ -135,6 +145,7 @@ def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: St
 @router.post("/{batch_id}/cancel", response_model=BatchOut)
 def cancel(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
     """Cancel every job of the batch that has not finished; finished outputs stay available."""
+    known_id("batch", batch_id)
     with session_scope(settings.database_url) as session:
         jobs.cancel_batch(session, tenant, batch_id)
     return _batch_out(settings, tenant, batch_id)

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from api.deps import SettingsDep, StorageDep
+from api.schemas import ReadyOut
 from core.db import ping, session_scope
 from core.jobs import reconciler_ran_at
 from core.settings import Settings
@@ -47,7 +48,8 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", response_model=ReadyOut,
+            responses={503: {"model": ReadyOut, "description": "a service named in `checks` is down"}})
 def readyz(settings: SettingsDep, storage: StorageDep, request: Request) -> JSONResponse:
     """Database, Redis and S3 each answer, and the reconciler runs (readiness): 503 naming the ones
     that do not."""
@@ -74,4 +76,5 @@ def readyz(settings: SettingsDep, storage: StorageDep, request: Request) -> JSON
         checks["reconciler"] = _reconciler(settings, request)
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ok" if ready else "unavailable", "checks": checks},
-                        status_code=200 if ready else 503)
+                        status_code=200 if ready else 503,
+                        headers=None if ready else {"Retry-After": str(settings.unavailable_retry_after)})

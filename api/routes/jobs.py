@@ -4,7 +4,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
 
-from api.deps import IdempotencyKey, SettingsDep, StorageDep, TenantDep
+from api.deps import IdempotencyKey, SettingsDep, StorageDep, TenantDep, known_id
 from api.schemas import JobOut
 from core import jobs
 from core.db import session_scope
@@ -20,7 +20,8 @@ EXAMPLES = {
 }
 
 
-@router.post("", status_code=202, response_model=JobOut)
+@router.post("", status_code=202, response_model=JobOut, responses={200: {
+    "model": JobOut, "description": "a replay: this Idempotency-Key and body created the job earlier"}})
 def create(spec: Annotated[dict[str, Any], Body(openapi_examples=EXAMPLES)], tenant: TenantDep,
            settings: SettingsDep, storage: StorageDep, request: Request, response: Response,
            idempotency_key: IdempotencyKey = None) -> JobOut:
@@ -36,6 +37,7 @@ def create(spec: Annotated[dict[str, Any], Body(openapi_examples=EXAMPLES)], ten
 
 @router.get("/{job_id}", response_model=JobOut)
 def read(job_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> JobOut:
+    known_id("job", job_id)
     with session_scope(settings.database_url) as session:
         return JobOut.of(jobs.get_job(session, tenant, job_id), storage)
 
@@ -43,5 +45,6 @@ def read(job_id: str, tenant: TenantDep, settings: SettingsDep, storage: Storage
 @router.post("/{job_id}/cancel", response_model=JobOut)
 def cancel(job_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> JobOut:
     """Cancel a queued or running job; a finished job is returned unchanged."""
+    known_id("job", job_id)
     with session_scope(settings.database_url) as session:
         return JobOut.of(jobs.cancel_job(session, tenant, job_id), storage)

@@ -15,7 +15,7 @@ from sqlalchemy import select, update
 from core.db import session_scope
 from core.status import JobStatus
 from core.storage import Storage
-from core.tables import Batch, Job, utcnow
+from core.tables import Batch, File, Job, utcnow
 from models.profiles import Registry
 from tests.integration.helpers import api_client, mask_png, png, upload
 from workers.batch import Heartbeat, MicroBatch, Outcome, claim, finish, release
@@ -57,6 +57,8 @@ def submit(client, items):
 def test_a_micro_batch_runs_stores_and_finishes(settings, worker):
     client = api_client(settings)
     image, mask, empty = upload(client, png((96, 64))), upload(client, mask_png()), upload(client, mask_png(empty=True))
+    with session_scope(settings.database_url) as session:  # as if uploaded before coverage was measured,
+        session.execute(update(File).where(File.id == empty).values(mask_coverage=None))  # so submit lets it by
     batch_id = submit(client, [
         {"custom_id": "fill", "kind": "inpaint", "mode": "fill", "image": image, "mask": mask},
         {"custom_id": "empty", "kind": "inpaint", "mode": "fill", "image": image, "mask": empty},
@@ -178,7 +180,9 @@ def test_reconciler_leaves_jobs_whose_messages_are_waiting(settings):
 
 
 def test_a_model_that_cannot_load_fails_its_jobs_with_the_reason(settings, worker):
-    client = api_client(settings)  # realesrgan-x4 is the default upscaler; its weights are not pulled here
+    # realesrgan-x4 is the default upscaler; its weights are not pulled here, and the API is told not to
+    # check (as where it runs apart from the workers' model directory)
+    client = api_client(settings.model_copy(update={"check_weights_at_submit": False}))
     batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png())}])
     [outcome] = worker.run([j.id for j in jobs_of(settings, batch_id).values()])
     job = jobs_of(settings, batch_id)["up"]

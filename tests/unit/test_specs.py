@@ -8,7 +8,8 @@ FILE_A, FILE_B = "a" * 64, "b" * 64
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings(data_dir=tmp_path)
+    # The default upscaler's weights are not pulled here; test_models_without_weights covers that check.
+    return Settings(data_dir=tmp_path, check_weights_at_submit=False)
 
 
 def validate_items(items, settings, **options):
