@@ -17,7 +17,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import TypeAdapter
 
-from api.routes import batches, files, health, jobs
+from api.routes import batches, files, health, jobs, webhooks
 from api.schemas import ErrorOut
 from core.coalesce import Coalescer
 from core.db import upgrade
@@ -60,7 +60,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.state.storage = Storage(settings)
     app.state.coalescer = None
     app.include_router(health.router)
-    for router in (files.router, jobs.router, batches.router):
+    for router in (files.router, jobs.router, batches.router, webhooks.router):
         app.include_router(router, responses=ERRORS)
 
     @app.exception_handler(InvalidInput)

@@ -80,6 +80,9 @@ class JobPage(BaseModel):
 class BatchIn(BaseModel):
     items: list[dict[str, Any]] = Field(description="job specs, each with a custom_id unique in the batch")
     metadata: dict[str, Any] = Field(default_factory=dict)
+    webhook: str | None = Field(None, max_length=2000, description="callback URL, signed with the tenant's secret "
+                                                                   "(GET /v1/webhooks/secret)")
+    webhook_events: list[str] | None = Field(None, description="default: batch.completed, batch.canceled")
 
 
 class BatchOut(BaseModel):

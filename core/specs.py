@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from core.errors import FieldError, InvalidInput
 from core.settings import Settings
 
-FileId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="id returned by POST /v1/files")]
+FileId = Annotated[str, Field(pattern=r"^([0-9a-f]{64}|https?://\S+)$", max_length=2000,
+                              description="id returned by POST /v1/files, or an http(s) URL to fetch")]
 MAX_SEED = 2**32 - 1
 
 

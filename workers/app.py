@@ -12,5 +12,6 @@ app = app_for(settings)
 settings.data_dir.mkdir(parents=True, exist_ok=True)
 app.conf.beat_schedule_filename = str(settings.data_dir / "celerybeat-schedule")
 
+import workers.deliver  # noqa: E402  (webhook deliveries and URL fetches, on the control queue)
 import workers.signals  # noqa: E402  (registers timing/logging hooks)
 import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)

@@ -25,6 +25,7 @@ from PIL import Image
 from sqlalchemy import Table, and_, bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
+from core import events
 from core.db import session_scope
 from core.errors import NotFound, Step1XError
 from core.jobs import complete_batches
@@ -272,11 +273,13 @@ def finish(settings: Settings, outcomes: Sequence[Outcome]) -> None:
     with session_scope(settings.database_url) as session:
         session.connection().execute(stmt, rows)
         complete_batches(session, {o.job.batch_id for o in outcomes if o.job.batch_id})
+        events.jobs_ended(session, Job.id.in_([o.job.id for o in outcomes]), Job.finished_at == now)
 
 
 def release(settings: Settings, claimed: Sequence[Claimed], error: str) -> None:
     """Hand back the jobs this attempt still holds: queued for a retry while attempts remain,
     failed with the error otherwise."""
+    now = utcnow()
     with session_scope(settings.database_url) as session:
         for job in claimed:
             last = job.attempts >= settings.max_attempts
@@ -285,9 +288,10 @@ def release(settings: Settings, claimed: Sequence[Claimed], error: str) -> None:
                                   Job.status.in_(sources_of(JobStatus.QUEUED)))
                 .values(status=JobStatus.FAILED if last else JobStatus.QUEUED, lease_until=None, worker=None,
                         error=f"gave up after {job.attempts} attempts: {error}" if last else error,
-                        finished_at=utcnow() if last else None)
+                        finished_at=now if last else None)
             )
         complete_batches(session, {job.batch_id for job in claimed if job.batch_id})
+        events.jobs_ended(session, Job.id.in_([job.id for job in claimed]), Job.finished_at == now)
 
 
 class Heartbeat:

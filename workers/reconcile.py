@@ -19,7 +19,7 @@ from datetime import timedelta
 import redis
 from sqlalchemy import and_, or_, select, update
 
-from core import dispatch
+from core import dispatch, events, fetch
 from core.db import session_scope
 from core.jobs import complete_batches, unfinished_batches
 from core.settings import Settings
@@ -51,6 +51,7 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
             .values(status=JobStatus.FAILED, finished_at=now, lease_until=None,
                     error=f"gave up after {settings.max_attempts} attempts: each was interrupted (worker lost)")
         ).rowcount  # type: ignore[attr-defined]
+        events.jobs_ended(session, Job.finished_at == now)
         requeued = [dispatch.Planned(*row) for row in session.execute(
             update(Job).where(expired).values(status=JobStatus.QUEUED, lease_until=None, worker=None)
             .returning(Job.id, Job.group_key, Job.cost, Job.lane)
@@ -71,7 +72,7 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
         with session_scope(settings.database_url) as session:
             rows = session.execute(
                 select(Job.id, Job.group_key, Job.cost, Job.lane)
-                .where(Job.status == JobStatus.QUEUED, Job.lane == lane, lost)
+                .where(Job.status == JobStatus.QUEUED, Job.lane == lane, lost, Job.group_key != fetch.WAITING)
                 .order_by(Job.created_at).limit(limit)
             ).all()
             if rows:

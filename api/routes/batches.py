@@ -16,6 +16,7 @@ from core.errors import FieldError, InvalidInput
 from core.settings import Settings
 from core.status import JobStatus
 from core.submit import submit
+from core.webhooks import Callback
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -32,8 +33,10 @@ def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Re
            idempotency_key: IdempotencyKey = None) -> BatchOut:
     """Submit a catalog batch. Every item is validated first: one bad item rejects the whole request
     with 422 listing every bad item and field, and nothing is stored."""
+    callback = Callback.parse(settings, body.webhook, body.webhook_events, batch=True)
     batch_id, created = submit(settings, tenant, body.items, as_batch=True, metadata=body.metadata,
-                               idempotency_key=idempotency_key, body=body.model_dump())
+                               idempotency_key=idempotency_key, body=body.model_dump(),
+                               on_accept=callback.storer(tenant) if callback else None)
     if not created:
         response.status_code = 200
     return _batch_out(settings, tenant, batch_id)
@@ -68,8 +71,9 @@ def parse_manifest(text: str) -> list[Any]:
                  "application/x-ndjson": {"schema": {"type": "string", "description": "one job spec per line"}}}}})
 async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
                                idempotency_key: IdempotencyKey = None,
-                               metadata: Annotated[str | None, Query(description="JSON object")] = None
-                               ) -> BatchOut:
+                               metadata: Annotated[str | None, Query(description="JSON object")] = None,
+                               webhook: Annotated[str | None, Query(description="callback URL")] = None,
+                               webhook_events: Annotated[list[str] | None, Query()] = None) -> BatchOut:
     """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`)."""
     raw = bytearray()
     async for chunk in request.stream():
@@ -88,9 +92,11 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"the manifest is not UTF-8 (byte {exc.start})", "body") from None
     items = parse_manifest(text)
-    body = {"items": items, "metadata": meta}
+    callback = Callback.parse(settings, webhook, webhook_events, batch=True)
+    body = {"items": items, "metadata": meta, "webhook": webhook, "webhook_events": webhook_events}
     batch_id, created = await run_in_threadpool(
-        submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body)
+        submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body,
+        on_accept=callback.storer(tenant) if callback else None)
     if not created:
         response.status_code = 200
     return await run_in_threadpool(_batch_out, settings, tenant, batch_id)
