@@ -1,16 +1,21 @@
 """Outbound work on the control queue: webhook deliveries, URL input fetches, and the periodic pass
 that finds whatever is due (retries, and anything whose message Redis lost). Thin shims: the work
-is in `core.delivery` and `core.fetch`."""
+is in `core.delivery` and `core.fetch`.
+
+No torch here: the light control process can run these alone
+(`celery -A workers.deliver worker -Q control -P threads`); `workers.app` registers them too.
+"""
 
 from __future__ import annotations
 
 from functools import cache
 
 from core import delivery, fetch
-from core.dispatch import OUTBOUND_DUE
+from core.dispatch import OUTBOUND_DUE, app_for
 from core.settings import get_settings
 from core.storage import Storage
-from workers.app import app
+
+app = app_for(get_settings())  # the same (cached) app object `workers.app` configures
 
 
 @cache
