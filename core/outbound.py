@@ -60,7 +60,7 @@ def why_not_public(address: Address) -> str | None:
               ("link-local", address.is_link_local), ("multicast", address.is_multicast),
               ("carrier-grade NAT", address in _CGNAT),
               ("unique local (ULA)", isinstance(address, ipaddress.IPv6Address) and address.is_private),
-              ("private", address.is_private), ("reserved", address.is_reserved))
+              ("reserved", address.is_reserved), ("private", address.is_private))
     for name, hit in checks:
         if hit:
             return f"a {name} address"

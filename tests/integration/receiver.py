@@ -1,13 +1,24 @@
-"""A real HTTP server on a loopback address for the outbound tests: it records every request and
-answers what the test tells it to. It can be stopped and started again on the same port."""
+"""For the outbound tests: a real HTTP server on a loopback address that records every request and
+answers what the test tells it to (it can be stopped and started again on the same port), and the
+light control process that delivers webhooks and fetches URL inputs."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from core.settings import Settings, get_settings
+from workers.launcher import stop_all
 
 
 @dataclass
@@ -88,3 +99,28 @@ def wait_for(check: Callable[[], object], timeout: float = 30, what: str = "cond
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+@pytest.fixture
+def outbound(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Only 127.0.0.1 is allowed; the retry schedule shrunk 1000x; the due pass every 0.3 s."""
+    for name, value in {"OUTBOUND_ALLOW": "127.0.0.1/32", "OUTBOUND_RETRY_SCALE": "0.001",
+                        "OUTBOUND_DUE_INTERVAL": "0.3", "PUBLIC_URL": "http://api.example"}.items():
+        monkeypatch.setenv(f"STEP1X_{name}", value)
+    get_settings.cache_clear()
+    return get_settings()
+
+
+@pytest.fixture
+def control(outbound: Settings, tmp_path: Path) -> Iterator[None]:
+    """The light control process: deliveries and fetches on the control queue, plus the due pass."""
+    log = (tmp_path / "control.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "workers.deliver", "worker", "-Q", "control", "-P", "threads",
+         "-c", "8", "-B", "-s", str(tmp_path / "beat-schedule"), "-n", f"control-{uuid.uuid4().hex[:6]}@test",
+         "--loglevel", "INFO"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield
+    finally:
+        stop_all([proc])
+        log.close()

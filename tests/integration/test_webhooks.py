@@ -6,11 +6,7 @@ signing independently)."""
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -20,41 +16,17 @@ from standardwebhooks import Webhook
 
 from core.db import session_scope
 from core.services import free_port
-from core.settings import Settings, get_settings
+from core.settings import Settings
 from core.storage import Storage
 from core.tables import Job
 from models.profiles import Registry
+from tests.integration import receiver as fixtures
 from tests.integration.helpers import api_client, png, upload
 from tests.integration.receiver import Receiver, Seen, wait_for
 from workers.batch import MicroBatch
-from workers.launcher import stop_all
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def outbound(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Only 127.0.0.1 is allowed; the retry schedule shrunk 1000x; the due pass every 0.3 s."""
-    for name, value in {"OUTBOUND_ALLOW": "127.0.0.1/32", "OUTBOUND_RETRY_SCALE": "0.001",
-                        "OUTBOUND_DUE_INTERVAL": "0.3", "PUBLIC_URL": "http://api.example"}.items():
-        monkeypatch.setenv(f"STEP1X_{name}", value)
-    get_settings.cache_clear()
-    return get_settings()
-
-
-@pytest.fixture
-def control(outbound: Settings, tmp_path) -> Iterator[None]:
-    """The light control process: deliveries and fetches on the control queue, plus the due pass."""
-    log = (tmp_path / "control.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "workers.deliver", "worker", "-Q", "control", "-P", "threads",
-         "-c", "8", "-B", "-s", str(tmp_path / "beat-schedule"), "-n", f"control-{uuid.uuid4().hex[:6]}@test",
-         "--loglevel", "INFO"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        yield
-    finally:
-        stop_all([proc])
-        log.close()
+outbound, control = fixtures.outbound, fixtures.control
 
 
 @pytest.fixture
