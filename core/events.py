@@ -76,8 +76,9 @@ def emit(session: Session, tenant: str, type_: str, resource_id: str, data: dict
     payload = {"type": type_, "timestamp": _z(now), "data": {**data, "sequence": sequence}}
     session.execute(insert(WebhookEvent).values(id=event_id, tenant_id=tenant, type=type_, resource_id=resource_id,
                                                 sequence=sequence, payload=payload, created_at=now))
-    rows: list[dict[str, Any]] = [{"id": new_id("msg"), "event_id": event_id, "tenant_id": tenant, "status": "pending", "attempts": 0,
-             "next_attempt_at": now, "created_at": now, **dest} for dest in destinations]
+    rows: list[dict[str, Any]] = [{"id": new_id("msg"), "event_id": event_id, "tenant_id": tenant, "status": "pending",
+                                   "attempts": 0, "next_attempt_at": now, "created_at": now, **dest}
+                                  for dest in destinations]
     session.execute(insert(WebhookDelivery), rows)
     pending: list[str] = session.info.setdefault(_PENDING, [])
     if not pending:

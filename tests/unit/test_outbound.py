@@ -33,7 +33,7 @@ def test_public_addresses_pass() -> None:
 def test_allow_list_and_scheme_rules() -> None:
     dev = Settings(outbound_allow="127.0.0.1/32")
     assert check_url("http://127.0.0.1:8080/hook", dev).host == "127.0.0.1"
-    with pytest.raises(Refused, match="127.0.0.2 .*loopback") as refused:
+    with pytest.raises(Refused, match=r"127\.0\.0\.2 .*loopback") as refused:
         check_url("http://127.0.0.2:8080/hook", dev, "webhook")
     assert refused.value.errors[0].field == "webhook"
     prod = Settings(environment="production", s3_secret_key="real", outbound_allow="127.0.0.1/32")
