@@ -22,7 +22,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, and_, func, select, update
 from sqlalchemy.orm import Session
 
 from core import outbound, webhooks
@@ -38,6 +38,9 @@ DELIVER = "step1x.deliver"
 SCHEDULE = (0, 5, 300, 1800, 7200, 18000, 36000, 50400, 72000, 86400)
 DISABLE_AFTER = timedelta(days=5)
 RESPONSE_LOGGED = 1024
+# Attempts on the wire at once per destination (endpoint, or callback URL): a slow receiver holds
+# this many of the control process's threads, and the rest keep delivering to everyone else.
+PER_DESTINATION = 4
 
 
 def kick(delivery_ids: Sequence[str], settings: Settings | None = None) -> None:
@@ -73,32 +76,56 @@ class Prepared:
     body: bytes
     secrets: list[str]
     endpoint_id: str | None
+    callback_url: str | None
+
+    def same_destination(self) -> ColumnElement[bool]:
+        if self.endpoint_id is not None:
+            return WebhookDelivery.endpoint_id == self.endpoint_id
+        return and_(WebhookDelivery.endpoint_id.is_(None), WebhookDelivery.callback_url == self.callback_url)
 
 
 def _claim(session: Session, settings: Settings, delivery_id: str) -> Prepared | None:
     now = utcnow()
-    claimed = session.execute(
-        update(WebhookDelivery).where(WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
-                                      WebhookDelivery.next_attempt_at <= now)
-        .values(next_attempt_at=now + _lease(settings)).returning(WebhookDelivery.event_id,
-                                                                  WebhookDelivery.endpoint_id,
-                                                                  WebhookDelivery.callback_url,
-                                                                  WebhookDelivery.tenant_id)).first()
-    if claimed is None:
+    due_now = (WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
+               WebhookDelivery.next_attempt_at <= now)
+    row = session.execute(select(WebhookDelivery.event_id, WebhookDelivery.endpoint_id, WebhookDelivery.callback_url,
+                                 WebhookDelivery.tenant_id).where(*due_now)).first()
+    if row is None:
         return None
-    payload = session.scalar(select(WebhookEvent.payload).where(WebhookEvent.id == claimed.event_id))
-    if claimed.endpoint_id is not None:
-        endpoint = session.get(WebhookEndpoint, claimed.endpoint_id)
+    if row.endpoint_id is not None:
+        # Locked: claims for one endpoint count its attempts on the wire one at a time.
+        endpoint = session.get(WebhookEndpoint, row.endpoint_id, with_for_update=True)
         if endpoint is None or not endpoint.enabled:
             reason = endpoint.disabled_reason if endpoint else "deleted"
             _finish(session, delivery_id, "failed", f"endpoint disabled: {reason}")
             return None
         url, secrets = endpoint.url, webhooks.signing_secrets(endpoint, now)
     else:
-        secret = session.get(WebhookSigningSecret, claimed.tenant_id)
-        assert secret is not None and claimed.callback_url is not None  # stored with the callback
-        url, secrets = claimed.callback_url, [secret.secret]
-    return Prepared(url, _body(settings, payload or {}), secrets, claimed.endpoint_id)
+        secret = session.get(WebhookSigningSecret, row.tenant_id)
+        assert secret is not None and row.callback_url is not None  # stored with the callback
+        url, secrets = row.callback_url, [secret.secret]
+    prepared = Prepared(url, b"", secrets, row.endpoint_id, row.callback_url)
+    busy = session.scalar(select(func.count()).where(prepared.same_destination(), WebhookDelivery.sending_until > now))
+    if (busy or 0) >= PER_DESTINATION:
+        return None  # the attempt that finishes next hands this one over
+    lease = now + _lease(settings)
+    if not session.execute(update(WebhookDelivery).where(*due_now)
+                           .values(next_attempt_at=lease, sending_until=lease)).rowcount:  # type: ignore[attr-defined]
+        return None
+    payload = session.scalar(select(WebhookEvent.payload).where(WebhookEvent.id == row.event_id))
+    prepared.body = _body(settings, payload or {})
+    return prepared
+
+
+def _hand_over_next(settings: Settings, prepared: Prepared) -> None:
+    """An attempt to this destination just ended: send the next one that waits for a free slot."""
+    now = utcnow()
+    with session_scope(settings.database_url) as session:
+        waiting = list(session.scalars(select(WebhookDelivery.id).where(
+            prepared.same_destination(), WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+            .order_by(WebhookDelivery.next_attempt_at).limit(PER_DESTINATION)))
+    if waiting:
+        kick(waiting, settings)
 
 
 def _body(settings: Settings, payload: dict[str, Any]) -> bytes:
@@ -164,13 +191,16 @@ def deliver(settings: Settings, delivery_id: str, client: httpx.Client | None = 
             http.close()
     latency = int((time.perf_counter() - started) * 1000)
     with session_scope(settings.database_url) as session:
-        return _record(session, settings, delivery_id, prepared, response, error, text, latency)
+        status = _record(session, settings, delivery_id, prepared, response, error, text, latency)
+    _hand_over_next(settings, prepared)
+    return status
 
 
 def _record(session: Session, settings: Settings, delivery_id: str, prepared: Prepared,
             response: httpx.Response | None, error: str | None, text: str | None, latency: int) -> str:
     now = utcnow()
     code = response.status_code if response is not None and error is None else None
+    session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(sending_until=None))
     session.add(WebhookAttempt(delivery_id=delivery_id, at=now, status_code=code, latency_ms=latency,
                                response=text, error=error))
     endpoint = session.get(WebhookEndpoint, prepared.endpoint_id, with_for_update=True) \

@@ -227,6 +227,7 @@ class WebhookDelivery(Base):
     __table_args__ = (
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"),
+        Index("ix_webhook_deliveries_sending", "endpoint_id", "sending_until"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("msg"))
@@ -239,6 +240,9 @@ class WebhookDelivery(Base):
     # When the next attempt is due. Claiming a delivery moves it past the attempt's timeout (a lease):
     # whoever claims first sends it, and a crashed sender's delivery is due again when that passes.
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Set while an attempt is on the wire: a destination gets only a few at once, so a slow receiver
+    # holds a few of the control process's threads, never all of them.
+    sending_until: Mapped[datetime | None] = mapped_column(DateTime)
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)

@@ -76,6 +76,7 @@ def upgrade() -> None:
     sa.Column("status", sa.String(length=16), nullable=False),
     sa.Column("attempts", sa.Integer(), nullable=False),
     sa.Column("next_attempt_at", sa.DateTime(), nullable=False),
+    sa.Column("sending_until", sa.DateTime(), nullable=True),
     sa.Column("last_error", sa.Text(), nullable=True),
     sa.Column("created_at", sa.DateTime(), nullable=False),
     sa.Column("finished_at", sa.DateTime(), nullable=True),
@@ -87,6 +88,7 @@ def upgrade() -> None:
     with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
         batch_op.create_index("ix_webhook_deliveries_due", ["status", "next_attempt_at"], unique=False)
         batch_op.create_index("ix_webhook_deliveries_endpoint", ["endpoint_id", "id"], unique=False)
+        batch_op.create_index("ix_webhook_deliveries_sending", ["endpoint_id", "sending_until"], unique=False)
 
     op.create_table("input_fetches",
     sa.Column("job_id", sa.String(length=40), nullable=False),
@@ -132,6 +134,7 @@ def downgrade() -> None:
 
     op.drop_table("input_fetches")
     with op.batch_alter_table("webhook_deliveries", schema=None) as batch_op:
+        batch_op.drop_index("ix_webhook_deliveries_sending")
         batch_op.drop_index("ix_webhook_deliveries_endpoint")
         batch_op.drop_index("ix_webhook_deliveries_due")
 
