@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -68,6 +69,7 @@ def test_batch_completed_reaches_endpoint_and_callback_signed(outbound, control,
     client = api_client(outbound)
     hook = endpoint(client, f"{receiver.url}/endpoint")
     tenant_secret = client.get("/v1/webhooks/secret").json()["secret"]
+    per_item = endpoint(client, f"{receiver.url}/items", ["job.succeeded"])  # named: takes a batch's items
     image = upload(client, png((32, 24)))
     items = [{"custom_id": f"sku-{i}", "kind": "upscale", "image": image, "model": "lanczos-x4"} for i in range(3)]
     response = client.post("/v1/batches", json={"items": items, "webhook": f"{receiver.url}/callback"})
@@ -75,8 +77,14 @@ def test_batch_completed_reaches_endpoint_and_callback_signed(outbound, control,
     batch_id = response.json()["id"]
     run_batch(outbound, batch_id)
 
-    wait_for(lambda: len(receiver.seen) >= 2, what="batch.completed at the endpoint and the callback")
+    wait_for(lambda: len(receiver.seen) >= 5, what="batch.completed at the endpoint and the callback, 3 items")
     by_path = {seen.path: seen for seen in receiver.seen}
+    item_events = [verified(s, per_item["secret"]) for s in receiver.seen if s.path == "/items"]
+    assert sorted(e["data"]["custom_id"] for e in item_events) == ["sku-0", "sku-1", "sku-2"]
+    for item in item_events:
+        assert (item["type"], item["data"]["batch_id"], item["data"]["sequence"]) == ("job.succeeded", batch_id, 1)
+        [output] = item["data"]["outputs"]
+        assert output["key"].endswith(".png") and output["url"].startswith(outbound.s3_endpoint_url)
     for path, secret in (("/endpoint", hook["secret"]), ("/callback", tenant_secret)):
         payload = verified(by_path[path], secret)
         assert payload["type"] == "batch.completed"
@@ -88,7 +96,7 @@ def test_batch_completed_reaches_endpoint_and_callback_signed(outbound, control,
     with pytest.raises(Exception, match="signature"):  # the wrong secret does not verify
         Webhook(tenant_secret).verify(by_path["/endpoint"].body, by_path["/endpoint"].headers)
     # "*" leaves out a batch's per-item events: three items, no job.* calls.
-    assert not [s for s in receiver.seen if json.loads(s.body)["type"].startswith("job.")]
+    assert not [s for s in receiver.seen if s.path != "/items" and json.loads(s.body)["type"].startswith("job.")]
     log = client.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["data"]
     assert [(d["type"], d["status"], d["attempts"][0]["status_code"]) for d in log] == \
         [("batch.completed", "succeeded", 204)]
@@ -198,3 +206,18 @@ def test_an_address_off_the_allow_list_is_refused_before_any_connection(outbound
         assert other.seen == []
     finally:
         other.stop()
+
+
+def test_a_slow_receiver_does_not_hold_up_the_others(outbound, control, receiver):
+    client = api_client(outbound)
+    slow = Receiver("127.0.0.1", free_port(), lambda _: (time.sleep(3), (200, {}, b""))[1]).start()
+    try:
+        endpoint(client, slow.url, ["job.canceled"])
+        endpoint(client, receiver.url, ["job.canceled"])
+        for _ in range(12):
+            canceled_job(client)
+        wait_for(lambda: len(receiver.seen) == 12, what="all 12 at the fast receiver")
+        # The slow one has had at most 4 attempts on the wire at a time, so it is far behind.
+        assert len(slow.seen) <= 8
+    finally:
+        slow.stop()
