@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from email.utils import parsedate_to_datetime
@@ -58,20 +58,35 @@ def kick(delivery_ids: Sequence[str], settings: Settings | None = None) -> None:
         log.warning("could not queue %d webhook deliveries (the due pass will): %s", len(delivery_ids), exc)
 
 
+def spread(rows: Iterable[tuple[str, str | None, str | None]]) -> list[str]:
+    """Of (delivery id, endpoint id, callback URL) rows, the first few per destination: each task
+    goes on through its destination's backlog, so a message per delivery would only be skipped."""
+    taken: dict[tuple[str | None, str | None], int] = {}
+    chosen = []
+    for delivery_id, endpoint_id, callback_url in rows:
+        key = (endpoint_id, None if endpoint_id else callback_url)
+        if taken.get(key, 0) < PER_DESTINATION:
+            taken[key] = taken.get(key, 0) + 1
+            chosen.append(delivery_id)
+    return chosen
+
+
 def _lease(settings: Settings) -> timedelta:
     return timedelta(seconds=settings.webhook_timeout + 30)
 
 
-def due(settings: Settings, limit: int = 1000) -> list[str]:
-    """Deliveries whose time has come (retries, and any whose message was lost)."""
+def due(settings: Settings, limit: int = 10_000) -> list[str]:
+    """Deliveries whose time has come (retries, and any whose message was lost), a few per destination."""
     with session_scope(settings.database_url) as session:
-        return list(session.scalars(select(WebhookDelivery.id).where(
-            WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= utcnow())
-            .order_by(WebhookDelivery.next_attempt_at).limit(limit)))
+        rows = session.execute(select(WebhookDelivery.id, WebhookDelivery.endpoint_id, WebhookDelivery.callback_url)
+                               .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= utcnow())
+                               .order_by(WebhookDelivery.next_attempt_at).limit(limit))
+        return spread((row.id, row.endpoint_id, row.callback_url) for row in rows)
 
 
 @dataclass
 class Prepared:
+    id: str
     url: str
     body: bytes
     secrets: list[str]
@@ -84,48 +99,37 @@ class Prepared:
         return and_(WebhookDelivery.endpoint_id.is_(None), WebhookDelivery.callback_url == self.callback_url)
 
 
-def _claim(session: Session, settings: Settings, delivery_id: str) -> Prepared | None:
+def _claim(session: Session, settings: Settings, *which: ColumnElement[bool]) -> Prepared | None:
+    """Claim the oldest due delivery matching `which`, if its destination has a free slot."""
     now = utcnow()
-    due_now = (WebhookDelivery.id == delivery_id, WebhookDelivery.status == "pending",
-               WebhookDelivery.next_attempt_at <= now)
-    row = session.execute(select(WebhookDelivery.event_id, WebhookDelivery.endpoint_id, WebhookDelivery.callback_url,
-                                 WebhookDelivery.tenant_id).where(*due_now)).first()
+    row = session.execute(select(WebhookDelivery.id, WebhookDelivery.endpoint_id, WebhookDelivery.callback_url,
+                                 WebhookDelivery.tenant_id, WebhookEvent.payload).join(WebhookEvent)
+                          .where(*which, WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
+                          .order_by(WebhookDelivery.next_attempt_at).limit(1)
+                          .with_for_update(of=WebhookDelivery, skip_locked=True)).first()
     if row is None:
         return None
     if row.endpoint_id is not None:
-        # Locked: claims for one endpoint count its attempts on the wire one at a time.
-        endpoint = session.get(WebhookEndpoint, row.endpoint_id, with_for_update=True)
+        endpoint = session.get(WebhookEndpoint, row.endpoint_id)
         if endpoint is None or not endpoint.enabled:
             reason = endpoint.disabled_reason if endpoint else "deleted"
-            _finish(session, delivery_id, "failed", f"endpoint disabled: {reason}")
+            _finish(session, row.id, "failed", f"endpoint disabled: {reason}")
             return None
         url, secrets = endpoint.url, webhooks.signing_secrets(endpoint, now)
     else:
         secret = session.get(WebhookSigningSecret, row.tenant_id)
         assert secret is not None and row.callback_url is not None  # stored with the callback
         url, secrets = row.callback_url, [secret.secret]
-    prepared = Prepared(url, b"", secrets, row.endpoint_id, row.callback_url)
+    prepared = Prepared(row.id, url, b"", secrets, row.endpoint_id, row.callback_url)
     busy = session.scalar(select(func.count()).where(prepared.same_destination(), WebhookDelivery.sending_until > now))
+    # Counted without a lock, so two claims at the same instant may both pass: a soft cap.
     if (busy or 0) >= PER_DESTINATION:
-        return None  # the attempt that finishes next hands this one over
+        return None  # the tasks on the wire go on through this backlog
     lease = now + _lease(settings)
-    if not session.execute(update(WebhookDelivery).where(*due_now)
-                           .values(next_attempt_at=lease, sending_until=lease)).rowcount:  # type: ignore[attr-defined]
-        return None
-    payload = session.scalar(select(WebhookEvent.payload).where(WebhookEvent.id == row.event_id))
-    prepared.body = _body(settings, payload or {})
+    session.execute(update(WebhookDelivery).where(WebhookDelivery.id == row.id)
+                    .values(next_attempt_at=lease, sending_until=lease))
+    prepared.body = _body(settings, row.payload or {})
     return prepared
-
-
-def _hand_over_next(settings: Settings, prepared: Prepared) -> None:
-    """An attempt to this destination just ended: send the next one that waits for a free slot."""
-    now = utcnow()
-    with session_scope(settings.database_url) as session:
-        waiting = list(session.scalars(select(WebhookDelivery.id).where(
-            prepared.same_destination(), WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now)
-            .order_by(WebhookDelivery.next_attempt_at).limit(PER_DESTINATION)))
-    if waiting:
-        kick(waiting, settings)
 
 
 def _body(settings: Settings, payload: dict[str, Any]) -> bytes:
@@ -158,22 +162,34 @@ def retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def deliver(settings: Settings, delivery_id: str, client: httpx.Client | None = None) -> str | None:
-    """One attempt at one delivery, if it is due; returns its status afterwards (None: not due)."""
+def deliver(settings: Settings, delivery_id: str, burst: int = 1000) -> str | None:
+    """Attempt this delivery if it is due, then go on with its destination's due backlog (up to
+    `burst` attempts) while a slot stays free; returns the first attempt's status (None: not due)."""
     with session_scope(settings.database_url) as session:
-        prepared = _claim(session, settings, delivery_id)
+        prepared = _claim(session, settings, WebhookDelivery.id == delivery_id)
     if prepared is None:
         return None
+    with outbound.client(settings, settings.webhook_timeout) as http:
+        first = status = _attempt(settings, http, prepared)
+        for _ in range(burst - 1):
+            with session_scope(settings.database_url) as session:
+                following = _claim(session, settings, prepared.same_destination())
+            if following is None:
+                break
+            status = _attempt(settings, http, following)
+    log.debug("delivery %s: %s (last of the burst: %s)", delivery_id, first, status)
+    return first
+
+
+def _attempt(settings: Settings, http: httpx.Client, prepared: Prepared) -> str:
     timestamp = int(time.time())  # wall clock: receivers check it against theirs
-    headers = {"content-type": "application/json", "webhook-id": delivery_id, "webhook-timestamp": str(timestamp),
-               "webhook-signature": " ".join(webhooks.sign(s, delivery_id, timestamp, prepared.body)
+    headers = {"content-type": "application/json", "webhook-id": prepared.id, "webhook-timestamp": str(timestamp),
+               "webhook-signature": " ".join(webhooks.sign(s, prepared.id, timestamp, prepared.body)
                                              for s in prepared.secrets)}
     started = time.perf_counter()
     response: httpx.Response | None = None
     error: str | None = None
     text: str | None = None
-    own = client is None
-    http = client or outbound.client(settings, settings.webhook_timeout)
     try:
         with http.stream("POST", prepared.url, content=prepared.body, headers=headers) as response:
             head = b""
@@ -186,30 +202,28 @@ def deliver(settings: Settings, delivery_id: str, client: httpx.Client | None = 
         error = exc.reason
     except httpx.HTTPError as exc:
         error = f"{type(exc).__name__}: {exc}"
-    finally:
-        if own:
-            http.close()
     latency = int((time.perf_counter() - started) * 1000)
     with session_scope(settings.database_url) as session:
-        status = _record(session, settings, delivery_id, prepared, response, error, text, latency)
-    _hand_over_next(settings, prepared)
-    return status
+        return _record(session, settings, prepared.id, prepared, response, error, text, latency)
 
 
 def _record(session: Session, settings: Settings, delivery_id: str, prepared: Prepared,
             response: httpx.Response | None, error: str | None, text: str | None, latency: int) -> str:
     now = utcnow()
     code = response.status_code if response is not None and error is None else None
-    session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(sending_until=None))
     session.add(WebhookAttempt(delivery_id=delivery_id, at=now, status_code=code, latency_ms=latency,
                                response=text, error=error))
+    if code is not None and 200 <= code < 300:
+        session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id)
+                        .values(status="succeeded", finished_at=now, last_error=None, sending_until=None))
+        if prepared.endpoint_id:  # matches (and locks) the endpoint only when it was failing
+            session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == prepared.endpoint_id,
+                                                          WebhookEndpoint.failing_since.is_not(None))
+                            .values(failing_since=None))
+        return "succeeded"
+    session.execute(update(WebhookDelivery).where(WebhookDelivery.id == delivery_id).values(sending_until=None))
     endpoint = session.get(WebhookEndpoint, prepared.endpoint_id, with_for_update=True) \
         if prepared.endpoint_id else None
-    if code is not None and 200 <= code < 300:
-        _finish(session, delivery_id, "succeeded", None)
-        if endpoint is not None:
-            endpoint.failing_since = None
-        return "succeeded"
     problem = error or f"HTTP {code}" + (" (redirects are not followed)" if code and 300 <= code < 400 else "")
     if code == 410:
         _finish(session, delivery_id, "failed", problem)

@@ -80,20 +80,20 @@ def emit(session: Session, tenant: str, type_: str, resource_id: str, data: dict
                                    "attempts": 0, "next_attempt_at": now, "created_at": now, **dest}
                                   for dest in destinations]
     session.execute(insert(WebhookDelivery), rows)
-    pending: list[str] = session.info.setdefault(_PENDING, [])
+    pending: list[tuple[str, str | None, str | None]] = session.info.setdefault(_PENDING, [])
     if not pending:
         event.listen(session, "after_commit", _hand_over, once=True)
         event.listen(session, "after_rollback", _forget, once=True)
-    pending.extend(row["id"] for row in rows)
+    pending.extend((row["id"], row["endpoint_id"], row["callback_url"]) for row in rows)
 
 
 def _hand_over(session: Session) -> None:
-    ids = session.info.pop(_PENDING, [])
+    pending = session.info.pop(_PENDING, [])
     session.info.pop("step1x_endpoints", None)
-    if ids:
-        from core.delivery import kick  # the sending half imports this module
+    if pending:
+        from core.delivery import kick, spread  # the sending half imports this module
 
-        kick(ids)
+        kick(spread(pending))
 
 
 def _forget(session: Session) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -149,14 +150,19 @@ class _CheckedBackend(httpcore.NetworkBackend):
         self.inner.sleep(seconds)
 
 
+@lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes ~0.1 s: once per process, not once per delivery.
+    return httpx.create_ssl_context(trust_env=False)
+
+
 class _CheckedTransport(httpx.HTTPTransport):
     def __init__(self, settings: Settings) -> None:
-        super().__init__(trust_env=False)
+        super().__init__(verify=_ssl_context(), trust_env=False)
         # httpx builds its pool without a way to pass a network backend; rebuild it with ours. TLS
         # still verifies and sends SNI for the URL's host name: only the TCP address is ours.
-        ssl_context = httpx.create_ssl_context(trust_env=False)
-        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context, network_backend=_CheckedBackend(settings),
-                                             max_connections=4, max_keepalive_connections=0)
+        self._pool = httpcore.ConnectionPool(ssl_context=_ssl_context(), network_backend=_CheckedBackend(settings),
+                                             max_connections=8, max_keepalive_connections=0)
 
 
 def client(settings: Settings, timeout: float) -> httpx.Client:

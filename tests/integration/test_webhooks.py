@@ -122,7 +122,9 @@ def test_receiver_down_then_up_gets_every_event_once_per_webhook_id(outbound, co
         by_id.setdefault(seen.headers["webhook-id"], set()).add(verified(seen, hook["secret"])["data"]["id"])
     # One webhook-id per event, and every copy of one webhook-id is the same event.
     assert sorted(job for ids in by_id.values() for job in ids) == sorted(jobs)
-    log = client.get(f"/v1/webhooks/{hook['id']}/deliveries?status=succeeded").json()["data"]
+    succeeded = f"/v1/webhooks/{hook['id']}/deliveries?status=succeeded"
+    wait_for(lambda: len(client.get(succeeded).json()["data"]) == 4, what="the successes recorded")
+    log = client.get(succeeded).json()["data"]
     assert sorted(d["id"] for d in log) == sorted(by_id)
     assert all(d["attempts"][0]["error"] and d["attempts"][-1]["status_code"] == 204 for d in log)
 
