@@ -15,6 +15,8 @@ written for an event nobody takes.
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
@@ -33,6 +35,11 @@ EVENT_TYPES = JOB_EVENTS + BATCH_EVENTS
 PROGRESS_INTERVAL = timedelta(seconds=5)  # at most one batch.progress per batch this often
 
 _PENDING = "step1x_new_deliveries"
+
+
+def ordered_id(prefix: str) -> str:
+    """An id that sorts by creation time (microseconds, then random), so the delivery log pages by id."""
+    return f"{prefix}_{time.time_ns() // 1000:014x}{secrets.token_hex(9)}"
 
 
 def _z(value: Any) -> str | None:
@@ -76,9 +83,9 @@ def emit(session: Session, tenant: str, type_: str, resource_id: str, data: dict
     payload = {"type": type_, "timestamp": _z(now), "data": {**data, "sequence": sequence}}
     session.execute(insert(WebhookEvent).values(id=event_id, tenant_id=tenant, type=type_, resource_id=resource_id,
                                                 sequence=sequence, payload=payload, created_at=now))
-    rows: list[dict[str, Any]] = [{"id": new_id("msg"), "event_id": event_id, "tenant_id": tenant, "status": "pending",
-                                   "attempts": 0, "next_attempt_at": now, "created_at": now, **dest}
-                                  for dest in destinations]
+    rows: list[dict[str, Any]] = [
+        {"id": ordered_id("msg"), "event_id": event_id, "tenant_id": tenant, "status": "pending", "attempts": 0,
+         "next_attempt_at": now, "created_at": now, **dest} for dest in destinations]
     session.execute(insert(WebhookDelivery), rows)
     pending: list[tuple[str, str | None, str | None]] = session.info.setdefault(_PENDING, [])
     if not pending:

@@ -196,9 +196,10 @@ def _apply(session: Session, settings: Settings, claimed: Sequence[InputFetch],
     for row in claimed:
         outcome, detail = results[row.url]
         job = jobs.get(row.job_id)
-        key = {InputFetch.job_id: row.job_id, InputFetch.field: row.field}
-        where = [column == value for column, value in key.items()]
-        if outcome == "ok" and job is not None:
+        where = [InputFetch.job_id == row.job_id, InputFetch.field == row.field]
+        if job is None:  # canceled meanwhile: nothing left to feed
+            session.execute(delete(InputFetch).where(*where))
+        elif outcome == "ok":
             job.spec = {**job.spec, row.field: detail}
             session.execute(delete(InputFetch).where(*where))
         elif outcome == "retry" and row.attempts + 1 < settings.fetch_attempts:

@@ -28,8 +28,10 @@ def create(spec: Annotated[dict[str, Any], Body(openapi_examples=EXAMPLES)], ten
     """Submit one job (interactive lane). Returns at once with its id; poll GET /v1/jobs/{id}, or add
     `webhook` (a URL) and optionally `webhook_events` to be called when it ends."""
     coalescer = request.app.state.coalescer
-    callback = Callback.parse(settings, spec.pop("webhook", None), spec.pop("webhook_events", None), batch=False)
-    job_id, created = submit(settings, tenant, [spec], as_batch=False, idempotency_key=idempotency_key,
+    hook, hook_events = spec.pop("webhook", None), spec.pop("webhook_events", None)
+    callback = Callback.parse(settings, hook, hook_events, batch=False)
+    body = {"item": spec, "webhook": hook, "webhook_events": hook_events} if callback else None
+    job_id, created = submit(settings, tenant, [spec], as_batch=False, idempotency_key=idempotency_key, body=body,
                              dispatcher=coalescer.add if coalescer else None,
                              on_accept=callback.storer(tenant) if callback else None)
     if not created:

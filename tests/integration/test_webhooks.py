@@ -9,17 +9,19 @@ import json
 import socket
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import select
+import redis
+from sqlalchemy import select, update
 from standardwebhooks import Webhook
 
 from core.db import session_scope
+from core.delivery import DISABLE_AFTER, deliver
 from core.services import free_port
 from core.settings import Settings
 from core.storage import Storage
-from core.tables import Job
+from core.tables import Job, WebhookDelivery, WebhookEndpoint, utcnow
 from models.profiles import Registry
 from tests.integration import receiver as fixtures
 from tests.integration.helpers import api_client, png, upload
@@ -223,3 +225,30 @@ def test_a_slow_receiver_does_not_hold_up_the_others(outbound, control, receiver
         assert len(slow.seen) <= 8
     finally:
         slow.stop()
+
+
+def test_a_message_lost_with_redis_only_delays_the_delivery(outbound, receiver, request):
+    client = api_client(outbound)
+    hook = endpoint(client, receiver.url, ["job.canceled"])
+    job_id = canceled_job(client)  # no control process yet: its message waits in Redis...
+    redis.Redis.from_url(outbound.redis_url).flushdb()  # ...and is lost
+    request.getfixturevalue("control")
+    [seen] = wait_for(lambda: receiver.seen, what="the due pass to find the delivery")  # type: ignore[misc]
+    assert verified(seen, hook["secret"])["data"]["id"] == job_id
+
+
+def test_an_endpoint_failing_for_days_is_disabled_saying_why(outbound, receiver):
+    receiver.answer = lambda _: (500, {}, b"")
+    client = api_client(outbound)
+    hook = endpoint(client, receiver.url)
+    days = DISABLE_AFTER * outbound.outbound_retry_scale  # 5 days, scaled like the schedule
+    with session_scope(outbound.database_url) as session:
+        session.execute(update(WebhookEndpoint).where(WebhookEndpoint.id == hook["id"])
+                        .values(failing_since=utcnow() - days - timedelta(seconds=1)))
+    canceled_job(client)
+    with session_scope(outbound.database_url) as session:
+        [delivery_id] = session.scalars(select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == hook["id"]))
+    assert deliver(outbound, delivery_id) == "pending"  # this attempt failed, and was the last straw
+    body = client.get(f"/v1/webhooks/{hook['id']}").json()
+    assert not body["enabled"] and "without a success" in body["disabled_reason"] and "HTTP 500" in \
+        body["disabled_reason"]
