@@ -186,9 +186,13 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
 
         # Drain the worker: it stops consuming (a Celery broadcast), so new work waits; undrain resumes.
         name = f"cpu@{socket.gethostname()}"
-        with session_scope(settings.database_url) as session:  # the row its heartbeat keeps
-            session.add(WorkerRow(name=name, host=socket.gethostname(), pid=workers[0].pid, device="cpu",
-                                  queues=["interactive", "bulk"]))
+        deadline = time.monotonic() + 30
+        while True:  # the row its heartbeat keeps
+            with session_scope(settings.database_url) as session:
+                if session.get(WorkerRow, name) is not None:
+                    break
+            assert time.monotonic() < deadline, f"worker {name} never wrote its heartbeat"
+            time.sleep(0.2)
         page.goto("/dashboard/workers")
         row = page.locator(f'tr[data-worker="{name}"]')
         assert "MiB" in (row.locator("svg.spark title").last.text_content() or "")  # sampled memory history
