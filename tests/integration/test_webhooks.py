@@ -197,7 +197,7 @@ def test_an_address_off_the_allow_list_is_refused_before_any_connection(outbound
         assert error["field"] == "url" and "127.0.0.2" in error["message"] and "loopback" in error["message"]
         response = client.post("/v1/jobs", json={"kind": "generate", "prompt": "x", "webhook": other.url})
         assert (response.status_code, response.json()["errors"][0]["field"]) == (422, "webhook")
-        items = [{"custom_id": "a", "kind": "upscale", "image": f"{other.url}/photo.png"}]
+        items = [{"custom_id": "a", "kind": "upscale", "model": "lanczos-x4", "image": f"{other.url}/photo.png"}]
         response = client.post("/v1/batches", json={"items": items})
         assert response.status_code == 422
         assert response.json()["errors"][0] | {"message": ""} == {"item": "a", "field": "image", "message": ""}

@@ -36,7 +36,8 @@ def test_allow_list_and_scheme_rules() -> None:
     with pytest.raises(Refused, match=r"127\.0\.0\.2 .*loopback") as refused:
         check_url("http://127.0.0.2:8080/hook", dev, "webhook")
     assert refused.value.errors[0].field == "webhook"
-    prod = Settings(environment="production", s3_secret_key="real", outbound_allow="127.0.0.1/32")
+    prod = Settings(environment="production", s3_secret_key="real", session_secret="s" * 32,
+                    outbound_allow="127.0.0.1/32")
     check_url("http://127.0.0.1/hook", prod)  # allow-listed: plain http is fine
     check_url("https://8.8.8.8/hook", prod)
     with pytest.raises(Refused, match="https"):
