@@ -18,7 +18,7 @@ from pydantic import TypeAdapter
 
 from api import dashboard, errors, metrics
 from api.guard import RequestGuard
-from api.routes import batches, files, health, jobs, listing
+from api.routes import batches, files, health, jobs, listing, webhooks
 from api.throttle import AuthThrottle
 from core.coalesce import Coalescer
 from core.db import upgrade
@@ -55,7 +55,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.state.coalescer = None
     app.state.auth_throttle = AuthThrottle(settings)
     app.include_router(health.router)
-    for router in (files.router, jobs.router, listing.router, batches.router):
+    for router in (files.router, jobs.router, listing.router, batches.router, webhooks.router):
         app.include_router(router, responses=errors.RESPONSES)
     app.state.metrics = metrics.registry_for(settings)
     app.include_router(metrics.router)

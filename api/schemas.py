@@ -95,6 +95,9 @@ class BatchIn(BaseModel):
                                                                    "the batch")
     metadata: dict[str, Any] = Field(default_factory=dict, description="yours, returned as is: a JSON object "
                                                                        "(STEP1X_MAX_METADATA_BYTES)")
+    webhook: str | None = Field(None, max_length=2000, description="callback URL, signed with the tenant's secret "
+                                                                   "(GET /v1/webhooks/secret)")
+    webhook_events: list[str] | None = Field(None, description="default: batch.completed, batch.canceled")
 
 
 class BatchOut(BaseModel):

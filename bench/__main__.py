@@ -218,6 +218,9 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2))
     console.print(f"written to {out / 'bench.json'}")
+    from bench import webhooks
+
+    webhooks.main()
 
 
 if __name__ == "__main__":

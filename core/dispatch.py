@@ -23,6 +23,7 @@ from core.specs import AnySpec, GenerateSpec, InpaintSpec, generation_bucket
 
 RUN_BATCH = "step1x.run_batch"
 RECONCILE = "step1x.reconcile"
+OUTBOUND_DUE = "step1x.outbound_due"
 LANES = ("interactive", "bulk")  # queue names; workers listen to interactive first
 # The light control process's queue (reconcile, webhook deliveries, URL fetches): never behind inference.
 CONTROL = "control"
@@ -85,7 +86,8 @@ def budget_for(group_key: str, settings: Settings) -> int:
 
 
 @lru_cache(maxsize=4)
-def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: float) -> Celery:
+def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: float,
+               outbound_due_interval: float = 5.0) -> Celery:
     app = Celery("step1x", broker=broker_url, set_as_current=False)
     app.conf.update(
         # A message is acknowledged only after its micro-batch finished, and a worker that dies
@@ -112,13 +114,17 @@ def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: flo
         beat_schedule={
             "reconcile": {"task": RECONCILE, "schedule": reconcile_interval,
                           "options": {"queue": CONTROL, "expires": reconcile_interval}},
+            # Webhook deliveries and URL fetches that are due (retries, lost messages).
+            "outbound-due": {"task": OUTBOUND_DUE, "schedule": outbound_due_interval,
+                             "options": {"queue": CONTROL, "expires": outbound_due_interval}},
         },
     )
     return app
 
 
 def app_for(settings: Settings) -> Celery:
-    return celery_app(settings.redis_url, settings.visibility_timeout, settings.reconcile_interval)
+    return celery_app(settings.redis_url, settings.visibility_timeout, settings.reconcile_interval,
+                      settings.outbound_due_interval)
 
 
 def send(batches: Sequence[Sequence[Planned]], settings: Settings) -> int:

@@ -14,6 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
+from core import events
 from core.db import session_scope
 from core.errors import NotFound
 from core.status import BatchStatus, ErrorCode, JobStatus, batch_status, failure, sources_of
@@ -46,11 +47,13 @@ def summary(session: Session, batch: Batch) -> tuple[BatchStatus, dict[str, int]
 
 
 def _cancel(session: Session, *criteria: Any) -> int:
+    now = utcnow()
     result = session.execute(
         update(Job).where(*criteria, Job.status.in_(sources_of(JobStatus.CANCELED)))
-        .values(status=JobStatus.CANCELED, finished_at=utcnow(), lease_until=None, **failure(ErrorCode.CANCELED))
+        .values(status=JobStatus.CANCELED, finished_at=now, lease_until=None, **failure(ErrorCode.CANCELED))
     )
     assert isinstance(result, CursorResult)
+    events.jobs_ended(session, *criteria, Job.finished_at == now)
     return result.rowcount
 
 
@@ -123,6 +126,7 @@ def complete_batches(session: Session, batch_ids: Iterable[str]) -> list[str]:
         assert isinstance(result, CursorResult)
         if result.rowcount:
             stamped.append(batch_id)
+    events.batches_ended(session, stamped)
     return stamped
 
 

@@ -146,6 +146,20 @@ class Settings(BaseSettings):
     # a host without the workers' model directory.
     check_weights_at_submit: bool = True
 
+    # Outbound HTTP (webhooks, URL inputs). Comma-separated CIDRs allowed despite the non-public
+    # address rules (and over plain http in production); nothing is allowed by default.
+    outbound_allow: str = ""
+    # Base URL clients reach the API at, for links in webhook payloads (the results URL).
+    public_url: str = "http://127.0.0.1:8000"
+    webhook_timeout: float = 15.0
+    # Multiplies every retry delay of deliveries and fetches, and the 5-day disable rule: tests shrink them.
+    outbound_retry_scale: float = 1.0
+    # How often the control process looks for deliveries and fetches that are due (lost messages, retries).
+    outbound_due_interval: float = 5.0
+    # A URL input must finish downloading within this many seconds.
+    fetch_timeout: float = 30.0
+    fetch_attempts: int = 5
+
     models_dir: Path | None = None  # default: data_dir / "models"
     models: dict[str, ModelProfile] = Field(default_factory=dict)
     # Which profile serves a job that names none, per task ("inpaint.<mode>" for inpainting).

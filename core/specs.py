@@ -28,7 +28,8 @@ from core.errors import FieldError, InvalidInput
 from core.settings import ModelProfile, Settings
 from core.tables import File
 
-FileId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="id returned by POST /v1/files")]
+FileId = Annotated[str, Field(pattern=r"^([0-9a-f]{64}|https?://\S+)$", max_length=2000,
+                              description="id returned by POST /v1/files, or an http(s) URL to fetch")]
 MAX_SEED = 2**32 - 1
 # C0 and C1 control characters (NUL, tab, newline, ...): they break file names, headers and logs.
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

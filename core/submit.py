@@ -19,7 +19,7 @@ from sqlalchemy import insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import dispatch
+from core import dispatch, fetch
 from core.db import session_scope
 from core.errors import Conflict, FieldError, InvalidInput
 from core.files import files_by_id
@@ -37,23 +37,26 @@ class Accepted:
 
     @property
     def planned(self) -> list[dispatch.Planned]:
-        return [dispatch.Planned(j["id"], j["group_key"], j["cost"], j["lane"]) for j in self.jobs]
+        return [dispatch.Planned(j["id"], j["group_key"], j["cost"], j["lane"]) for j in self.jobs
+                if j["group_key"] != fetch.WAITING]
 
 
 def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], settings: Settings
                 ) -> tuple[dict[str, Any], list[FieldError]]:
     """Every referenced file exists for this tenant and sizes agree; returns the file rows by id and
     the problems found."""
-    wanted = {fid for spec in specs for fid in input_files(spec).values()}
+    wanted = {fid for spec in specs for fid in input_files(spec).values() if not fetch.is_url(fid)}
     files = files_by_id(session, tenant, wanted)
     errors: list[FieldError] = []
     for index, spec in enumerate(specs):
         name = spec.custom_id or f"#{index}"
         refs = input_files(spec)
-        missing = [field for field, fid in refs.items() if fid not in files]
+        # URL inputs are checked here, and their sizes after the fetch stage has them (core.fetch).
+        errors.extend(fetch.url_errors(spec, settings, name))
+        missing = [field for field, fid in refs.items() if fid not in files and not fetch.is_url(fid)]
         errors.extend(FieldError(f, f"file {refs[f]} does not exist (upload it with POST /v1/files)", name)
                       for f in missing)
-        if missing or not isinstance(spec, InpaintSpec | UpscaleSpec):
+        if missing or fetch.has_urls(spec) or not isinstance(spec, InpaintSpec | UpscaleSpec):
             continue
         image = files[spec.image]
         assert spec.model is not None
@@ -92,7 +95,8 @@ def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequenc
     rows = []
     for spec in specs:
         image = files.get(getattr(spec, "image", None) or "")
-        key, cost = dispatch.plan(spec, settings, (image.width, image.height) if image else None)
+        key, cost = (fetch.WAITING, 0) if fetch.has_urls(spec) else \
+            dispatch.plan(spec, settings, (image.width, image.height) if image else None)
         assert spec.seed is not None and spec.model is not None
         rows.append({
             "id": new_id("job"), "tenant_id": tenant, "batch_id": batch.id if batch else None,
@@ -102,6 +106,7 @@ def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequenc
         })
     for start in range(0, len(rows), 5000):
         session.execute(insert(Job), rows[start:start + 5000])
+    fetch.record(session, rows)
     return Accepted(batch, rows)
 
 
@@ -162,12 +167,13 @@ def send_committed(settings: Settings, planned: Sequence[dispatch.Planned]) -> N
 
 def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: bool,
            metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
-           body: Any = None, dispatcher: Callable[[Sequence[dispatch.Planned]], object] | None = None
-           ) -> tuple[str, bool]:
+           body: Any = None, dispatcher: Callable[[Sequence[dispatch.Planned]], object] | None = None,
+           on_accept: Callable[[Session, str], None] | None = None) -> tuple[str, bool]:
     """Validate, store and dispatch; returns (batch or job id, whether it was created now).
 
     With an Idempotency-Key, a repeat of the same request returns the first one's resource.
-    `dispatcher` replaces sending at once (the API's coalescer for single interactive jobs)."""
+    `dispatcher` replaces sending at once (the API's coalescer for single interactive jobs);
+    `on_accept(session, resource id)` stores what belongs with the request (its webhook callback)."""
     digest = body_hash(body if body is not None else items)
     try:
         with session_scope(settings.database_url) as session:
@@ -178,6 +184,8 @@ def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: b
         with session_scope(settings.database_url) as session:
             accepted = accept(session, settings, tenant, items, as_batch=as_batch, metadata=metadata)
             resource = accepted.batch.id if accepted.batch else accepted.jobs[0]["id"]
+            if on_accept is not None:
+                on_accept(session, resource)
             remember(session, tenant, idempotency_key, digest, resource)
     except IntegrityError:
         # A concurrent request with the same key committed first: answer with its resource.

@@ -226,3 +226,117 @@ class WorkerSample(Base):
     rss_bytes: Mapped[int | None] = mapped_column(BigInteger)
     gpu_memory_bytes: Mapped[int | None] = mapped_column(BigInteger)
     images: Mapped[int] = mapped_column(BigInteger, default=0)  # produced by this process so far
+class WebhookEndpoint(Base):
+    """Where a tenant wants its events. `events` lists the types it takes ("*": every type, but a
+    batch's per-item job events only when named)."""
+
+    __tablename__ = "webhook_endpoints"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("whe"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[str]] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(String(500), default="")
+    secret: Mapped[str] = mapped_column(String(64))
+    # After a rotation the old secret signs too, until this time, so receivers can switch over.
+    previous_secret: Mapped[str | None] = mapped_column(String(64))
+    previous_secret_until: Mapped[datetime | None] = mapped_column(DateTime)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
+    # First failure since the last success: an endpoint failing for days is disabled.
+    failing_since: Mapped[datetime | None] = mapped_column(DateTime)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WebhookSigningSecret(Base):
+    """The tenant's own secret, which signs per-request callbacks (`webhook` on a job or batch)."""
+
+    __tablename__ = "webhook_signing_secrets"
+
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), primary_key=True)
+    secret: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WebhookCallback(Base):
+    """A per-request callback: the `webhook` URL given with a job or a batch."""
+
+    __tablename__ = "webhook_callbacks"
+
+    resource_id: Mapped[str] = mapped_column(String(40), primary_key=True)  # job or batch id
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list[str]] = mapped_column(JSON)
+
+
+class WebhookEvent(Base):
+    """The outbox: written in the same transaction as the state change it reports."""
+
+    __tablename__ = "webhook_events"
+    __table_args__ = (Index("ix_webhook_events_resource", "resource_id", "type", "sequence"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("evt"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    type: Mapped[str] = mapped_column(String(40))
+    resource_id: Mapped[str] = mapped_column(String(40))
+    sequence: Mapped[int] = mapped_column(Integer)  # per resource, counting from 1
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+
+class WebhookDelivery(Base):
+    """One event for one destination. Its id is the `webhook-id` header, the same on every attempt."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
+        Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"),
+        Index("ix_webhook_deliveries_sending", "endpoint_id", "sending_until"),
+    )
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("msg"))
+    event_id: Mapped[str] = mapped_column(ForeignKey("webhook_events.id"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    endpoint_id: Mapped[str | None] = mapped_column(ForeignKey("webhook_endpoints.id", ondelete="CASCADE"))
+    callback_url: Mapped[str | None] = mapped_column(String(2000))  # per-request callbacks have no endpoint
+    status: Mapped[str] = mapped_column(String(16), default="pending")  # pending | succeeded | failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)  # since the last (re)delivery request
+    # When the next attempt is due. Claiming a delivery moves it past the attempt's timeout (a lease):
+    # whoever claims first sends it, and a crashed sender's delivery is due again when that passes.
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    # Set while an attempt is on the wire: a destination gets only a few at once, so a slow receiver
+    # holds a few of the control process's threads, never all of them.
+    sending_until: Mapped[datetime | None] = mapped_column(DateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+
+class WebhookAttempt(Base):
+    """Every HTTP attempt of a delivery: when, the status code, latency, the start of the answer."""
+
+    __tablename__ = "webhook_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    latency_ms: Mapped[int] = mapped_column(Integer)
+    response: Mapped[str | None] = mapped_column(Text)  # first 1 kB of the body
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class InputFetch(Base):
+    """A job input given as a URL, waiting to be downloaded before the job is dispatched."""
+
+    __tablename__ = "input_fetches"
+    __table_args__ = (Index("ix_input_fetches_due", "next_attempt_at"),)
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    field: Mapped[str] = mapped_column(String(16), primary_key=True)  # image, mask or edges
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"))
+    batch_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)  # claimed like a delivery
+    last_error: Mapped[str | None] = mapped_column(Text)

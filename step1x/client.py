@@ -109,7 +109,7 @@ class Client:
     def submit_manifest(self, path: str | Path, metadata: dict[str, Any] | None = None,
                         idempotency_key: str | None = None) -> dict[str, Any]:
         """Submit a JSONL manifest. Fields image/mask/edges may name local files (relative to the
-        manifest); they are uploaded first and replaced by their file ids."""
+        manifest), uploaded first and replaced by their file ids, or http(s) URLs, passed through."""
         path = Path(path)
         items = [json.loads(line) for line in path.read_text().splitlines()
                  if line.strip() and not line.lstrip().startswith("#")]
@@ -120,8 +120,8 @@ class Client:
         for item in items:
             for field in FILE_FIELDS:
                 value = item.get(field)
-                if not isinstance(value, str) or FILE_ID.match(value):
-                    continue
+                if not isinstance(value, str) or FILE_ID.match(value) or value.startswith(("http://", "https://")):
+                    continue  # file ids and URLs go through as they are (the service fetches URLs)
                 local = (base / value).resolve()
                 if not local.is_file():
                     raise APIError(422, "manifest names a file that does not exist",

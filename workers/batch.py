@@ -26,7 +26,7 @@ from PIL import Image
 from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core import thumbs
+from core import events, thumbs
 from core.db import session_scope
 from core.errors import InvalidInput, NotFound, Step1XError
 from core.jobs import complete_batches
@@ -369,6 +369,7 @@ def finish(settings: Settings, outcomes: Sequence[Outcome]) -> list[Outcome]:
         if rows:
             session.connection().execute(stmt, rows)
         complete_batches(session, {o.job.batch_id for o in outcomes if o.job.batch_id})
+        events.jobs_ended(session, Job.id.in_([o.job.id for o in outcomes]), Job.finished_at == now)
     return [o for o in outcomes if o.output_keys and o.status == JobStatus.SUCCEEDED]
 
 
@@ -394,6 +395,7 @@ def release(settings: Settings, claimed: Sequence[Claimed], error: str) -> None:
                         # The retry is this job's dispatch: the reconciler need not send another.
                         dispatched_at=now))
         complete_batches(session, {job.batch_id for job in claimed if job.batch_id})
+        events.jobs_ended(session, Job.id.in_([job.id for job in claimed]), Job.finished_at == now)
 
 
 class Heartbeat:

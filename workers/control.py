@@ -1,8 +1,8 @@
 """The light control process: `celery -A workers.control worker -Q control -P threads --beat`.
 
-It runs the reconciler (and the beat that schedules it) apart from the inference workers, so
-recovery never waits behind a micro-batch, and it never imports torch: it starts in a second and
-stays small. Its configuration is the same app as the workers' (`core.dispatch`).
+It runs the reconciler, webhook deliveries and URL fetches (and the beat that schedules them) apart
+from the inference workers, so recovery never waits behind a micro-batch, and it never imports
+torch: it starts in a second and stays small. Its configuration is the same app as the workers' (`core.dispatch`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ app = app_for(settings)
 settings.data_dir.mkdir(parents=True, exist_ok=True)
 app.conf.beat_schedule_filename = str(settings.data_dir / "celerybeat-schedule")
 
+import workers.deliver  # noqa: E402  (webhook deliveries and URL fetches)
 import workers.signals  # noqa: E402,F401  (registers timing/logging hooks)
 
 

@@ -73,7 +73,7 @@ def control_command(loglevel: str = "INFO") -> tuple[str, list[str], dict[str, s
     It imports no torch, so recovery never waits behind (or for) inference."""
     name = f"control@{socket.gethostname()}"
     argv = [sys.executable, "-m", "celery", "-A", "workers.control", "worker", "-n", name, "-Q", CONTROL,
-            "--pool", "threads", "--concurrency", "4", "--loglevel", loglevel, "--beat"]
+            "--pool", "threads", "--concurrency", "16", "--loglevel", loglevel, "--beat"]
     return name, argv, {"CUDA_VISIBLE_DEVICES": ""}
 
 

@@ -35,7 +35,7 @@ import redis
 from sqlalchemy import and_, false, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from core import dispatch
+from core import dispatch, events, fetch
 from core.db import session_scope
 from core.jobs import RECONCILER, complete_batches, unfinished_batches
 from core.settings import Settings
@@ -112,6 +112,7 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, Any]:
             .values(status=JobStatus.FAILED, finished_at=now, lease_until=None, **failure(ErrorCode.WORKER_LOST),
                     error=f"gave up after {settings.max_attempts} attempts: each was interrupted (worker lost)")
         ).rowcount  # type: ignore[attr-defined]
+        events.jobs_ended(session, Job.finished_at == now)
         back = {"status": JobStatus.QUEUED, "lease_until": None, "worker": None, "dispatched_at": now}
         returning = (Job.id, Job.group_key, Job.cost, Job.lane)
         requeued = [dispatch.Planned(*row) for row in session.execute(
@@ -133,7 +134,7 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, Any]:
         with session_scope(settings.database_url) as session:
             rows = session.execute(
                 select(Job.id, Job.group_key, Job.cost, Job.lane)
-                .where(Job.status == JobStatus.QUEUED, Job.lane == lane, lost_message)
+                .where(Job.status == JobStatus.QUEUED, Job.lane == lane, lost_message, Job.group_key != fetch.WAITING)
                 .order_by(Job.created_at).limit(limit)
             ).all()
             if rows:

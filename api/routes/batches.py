@@ -17,6 +17,7 @@ from core.limits import check_metadata, loads
 from core.settings import Settings
 from core.status import JobStatus
 from core.submit import submit
+from core.webhooks import Callback
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -40,8 +41,10 @@ def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Re
     metadata_errors = check_metadata(body.metadata, settings)
     if metadata_errors:
         raise InvalidInput(metadata_errors)
+    callback = Callback.parse(settings, body.webhook, body.webhook_events, batch=True)
     batch_id, created = submit(settings, tenant, body.items, as_batch=True, metadata=body.metadata,
-                               idempotency_key=idempotency_key, body=body.model_dump())
+                               idempotency_key=idempotency_key, body=body.model_dump(),
+                               on_accept=callback.storer(tenant) if callback else None)
     if not created:
         response.status_code = 200
     return _batch_out(settings, tenant, batch_id)
@@ -78,8 +81,9 @@ def parse_manifest(text: str, max_depth: int) -> list[Any]:
                      "description": "JSONL: one job spec per line, each with a custom_id"}}}}})
 async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
                                idempotency_key: IdempotencyKey = None,
-                               metadata: Annotated[str | None, Query(description="JSON object")] = None
-                               ) -> BatchOut:
+                               metadata: Annotated[str | None, Query(description="JSON object")] = None,
+                               webhook: Annotated[str | None, Query(description="callback URL")] = None,
+                               webhook_events: Annotated[list[str] | None, Query()] = None) -> BatchOut:
     """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`), at most
     STEP1X_MAX_MANIFEST_BYTES (413 past it: split the catalog into several batches)."""
     raw = await request.body()  # bounded by api.guard
@@ -95,9 +99,11 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"the manifest is not UTF-8 (byte {exc.start})", "body") from None
     items = await run_in_threadpool(parse_manifest, text, settings.max_json_depth)
-    body = {"items": items, "metadata": meta}
+    callback = Callback.parse(settings, webhook, webhook_events, batch=True)
+    body = {"items": items, "metadata": meta, "webhook": webhook, "webhook_events": webhook_events}
     batch_id, created = await run_in_threadpool(
-        submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body)
+        submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body,
+        on_accept=callback.storer(tenant) if callback else None)
     if not created:
         response.status_code = 200
     return await run_in_threadpool(_batch_out, settings, tenant, batch_id)

@@ -9,6 +9,7 @@ from api.schemas import JobOut
 from core import jobs
 from core.db import session_scope
 from core.submit import submit
+from core.webhooks import Callback
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -25,10 +26,15 @@ EXAMPLES = {
 def create(spec: Annotated[dict[str, Any], Body(openapi_examples=EXAMPLES)], tenant: TenantDep,
            settings: SettingsDep, storage: StorageDep, request: Request, response: Response,
            idempotency_key: IdempotencyKey = None) -> JobOut:
-    """Submit one job (interactive lane). Returns at once with its id; poll GET /v1/jobs/{id}."""
+    """Submit one job (interactive lane). Returns at once with its id; poll GET /v1/jobs/{id}, or add
+    `webhook` (a URL) and optionally `webhook_events` to be called when it ends."""
     coalescer = request.app.state.coalescer
-    job_id, created = submit(settings, tenant, [spec], as_batch=False, idempotency_key=idempotency_key,
-                             dispatcher=coalescer.add if coalescer else None)
+    hook, hook_events = spec.pop("webhook", None), spec.pop("webhook_events", None)
+    callback = Callback.parse(settings, hook, hook_events, batch=False)
+    body = {"item": spec, "webhook": hook, "webhook_events": hook_events} if callback else None
+    job_id, created = submit(settings, tenant, [spec], as_batch=False, idempotency_key=idempotency_key, body=body,
+                             dispatcher=coalescer.add if coalescer else None,
+                             on_accept=callback.storer(tenant) if callback else None)
     if not created:
         response.status_code = 200
     with session_scope(settings.database_url) as session:
