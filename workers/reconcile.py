@@ -22,6 +22,7 @@ from sqlalchemy import and_, or_, select, update
 from core import dispatch
 from core.db import session_scope
 from core.jobs import complete_batches, unfinished_batches
+from core.retention import sweep
 from core.settings import Settings
 from core.status import JobStatus
 from core.submit import send
@@ -77,6 +78,7 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
             if rows:
                 send(session, settings, [dispatch.Planned(*row) for row in rows])
                 report["redispatched"] += len(rows)
+    report.update(sweep(settings))  # completion windows and output retention
     if any(report.values()):
         log.warning("reconcile: %s", report)
     return report

@@ -9,13 +9,16 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import IdempotencyKey, SettingsDep, StorageDep, TenantDep
-from api.schemas import BatchIn, BatchOut, JobOut, JobPage
+from api.schemas import DURATION_HELP, BatchIn, BatchOut, JobOut, JobPage
 from core import jobs
+from core.catalog import BatchTerms
 from core.db import session_scope
 from core.errors import FieldError, InvalidInput
+from core.retention import delete_batch
 from core.settings import Settings
 from core.status import JobStatus
 from core.submit import submit
+from core.usage import batch_usage, job_usage
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -24,7 +27,7 @@ def _batch_out(settings: Settings, tenant: str, batch_id: str) -> BatchOut:
     with session_scope(settings.database_url) as session:
         batch = jobs.get_batch(session, tenant, batch_id)
         status, counts = jobs.summary(session, batch)
-        return BatchOut.of(batch, status, counts)
+        return BatchOut.of(batch, status, counts, batch_usage(session, batch.id))
 
 
 @router.post("", status_code=202, response_model=BatchOut)
@@ -32,7 +35,8 @@ def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Re
            idempotency_key: IdempotencyKey = None) -> BatchOut:
     """Submit a catalog batch. Every item is validated first: one bad item rejects the whole request
     with 422 listing every bad item and field, and nothing is stored."""
-    batch_id, created = submit(settings, tenant, body.items, as_batch=True, metadata=body.metadata,
+    terms = BatchTerms.parse(settings, body.completion_window, body.output_ttl)
+    batch_id, created = submit(settings, tenant, body.items, as_batch=True, metadata=body.metadata, terms=terms,
                                idempotency_key=idempotency_key, body=body.model_dump())
     if not created:
         response.status_code = 200
@@ -68,7 +72,11 @@ def parse_manifest(text: str) -> list[Any]:
                  "application/x-ndjson": {"schema": {"type": "string", "description": "one job spec per line"}}}}})
 async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
                                idempotency_key: IdempotencyKey = None,
-                               metadata: Annotated[str | None, Query(description="JSON object")] = None
+                               metadata: Annotated[str | None, Query(description="JSON object")] = None,
+                               completion_window: Annotated[str | None, Query(
+                                   description=f"as in POST /v1/batches; {DURATION_HELP}", examples=["24h"])] = None,
+                               output_ttl: Annotated[str | None, Query(
+                                   description=f"as in POST /v1/batches; {DURATION_HELP}", examples=["7d"])] = None,
                                ) -> BatchOut:
     """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`)."""
     raw = bytearray()
@@ -83,14 +91,16 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
         raise InvalidInput(f"not valid JSON: {exc.msg}", "metadata") from None
     if not isinstance(meta, dict):
         raise InvalidInput("must be a JSON object", "metadata")
+    terms = BatchTerms.parse(settings, completion_window, output_ttl)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"the manifest is not UTF-8 (byte {exc.start})", "body") from None
     items = parse_manifest(text)
-    body = {"items": items, "metadata": meta}
+    body = {"items": items, "metadata": meta, "completion_window": completion_window, "output_ttl": output_ttl}
     batch_id, created = await run_in_threadpool(
-        submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body)
+        submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body,
+        terms=terms)
     if not created:
         response.status_code = 200
     return await run_in_threadpool(_batch_out, settings, tenant, batch_id)
@@ -114,7 +124,7 @@ def list_jobs(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: 
 @router.get("/{batch_id}/results", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-ndjson": {}}}})
 def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> StreamingResponse:
-    """JSONL, one line per item: custom_id, status, output URL(s) or error."""
+    """JSONL, one line per item: custom_id, job_id, status, output URL(s) or error, usage."""
     with session_scope(settings.database_url) as session:
         jobs.get_batch(session, tenant, batch_id)  # 404 before streaming starts
 
@@ -127,6 +137,9 @@ def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: St
                 line["urls"] = [o.url for o in out.outputs]
             if job.error:
                 line["error"] = job.error
+            usage = job_usage(job)
+            if usage:
+                line["usage"] = usage
             yield (json.dumps(line) + "\n").encode()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -138,3 +151,11 @@ def cancel(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
     with session_scope(settings.database_url) as session:
         jobs.cancel_batch(session, tenant, batch_id)
     return _batch_out(settings, tenant, batch_id)
+
+
+@router.delete("/{batch_id}", status_code=204, responses={409: {"description": "the batch is still running"}})
+def remove(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> Response:
+    """Delete a finished batch: its outputs in storage, its jobs and the batch. A running batch
+    answers 409: cancel it first."""
+    delete_batch(settings, storage, tenant, batch_id)
+    return Response(status_code=204)
