@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SkipValidation
 
 from core.catalog import human
 from core.storage import Storage
@@ -103,7 +103,8 @@ class JobPage(BaseModel):
     next_cursor: str | None = Field(description="pass as ?cursor= for the next page; null on the last")
 
 
-Duration = int | str | None
+# Checked by core.catalog (messages naming the field), so a boolean is refused rather than read as 1.
+Duration = SkipValidation[int | str | None]
 DURATION_HELP = "seconds, or a number with a unit: s, m, h, d"
 
 

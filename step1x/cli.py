@@ -230,6 +230,21 @@ def evaluate(out: Path = Path("eval-output/eval.json"), photos: int | None = Non
     console.print(f"written to {out}")
 
 
+@app.command("measure-upscalers")
+def measure_upscalers(out: Path = Path("eval-output/upscalers.json"), size: int = 512, repeats: int = 3,
+                      device: Annotated[str | None, typer.Option(help="cpu, cuda (default: each profile's)")] = None
+                      ) -> None:
+    """Seconds per output megapixel of every upscaler: what picks the default upscaler per device."""
+    from models.pull import PULLABLE, pull
+    from models.upscale_cost import measure, print_report
+
+    settings = get_settings()
+    for name in PULLABLE:  # fetching is a no-op once they are here
+        pull(name, settings.model_root, console=console)
+    names = sorted(n for n, p in settings.models.items() if p.task == "upscale")
+    print_report(measure(settings, names, size, repeats, device), console, out)
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("STEP1X_LOG_LEVEL", "WARNING"))
     try:
