@@ -109,6 +109,12 @@ DURATION_HELP = "seconds, or a number with a unit: s, m, h, d"
 
 
 class BatchIn(BaseModel):
+    model_config = {"json_schema_extra": {"examples": [{
+        "items": [{"custom_id": "sku-001", "kind": "generate", "prompt": "a white sneaker", "seed": 7},
+                  {"custom_id": "sku-002", "kind": "upscale", "image": "<file id>", "output_format": "jpeg",
+                   "quality": 85}],
+        "metadata": {"catalog": "spring"}, "completion_window": "24h", "output_ttl": "7d"}]}}
+
     items: list[dict[str, Any]] = Field(description="job specs, each with a custom_id unique in the batch")
     metadata: dict[str, Any] = Field(default_factory=dict)
     completion_window: Duration = Field(

@@ -164,11 +164,17 @@ def keys_dev() -> None:
 def submit(manifest: Path, wait: bool = False,
            completion_window: Annotated[str | None, typer.Option(help="e.g. 24h: unfinished jobs then expire")] = None,
            output_ttl: Annotated[str | None, typer.Option(help="e.g. 7d: outputs are deleted this long after")] = None,
+           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the batch id")] = False,
            api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
     """Submit a JSONL manifest (local image paths are uploaded); with --wait, show progress, then a summary."""
     with _client(api_url, api_key) as client:
         started = time.monotonic()
         batch = client.submit_manifest(manifest, completion_window=completion_window, output_ttl=output_ttl)
+        if quiet:
+            if wait:
+                client.wait_batch(batch["id"])
+            typer.echo(batch["id"])
+            return
         console.print(f"batch [bold]{batch['id']}[/]: {batch['total']} items queued")
         if wait:
             batch = wait_with_progress(client, batch)

@@ -22,6 +22,16 @@ from core.usage import batch_usage, job_usage
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
+MANIFEST_HELP = ("JSONL: one job spec (as in POST /v1/jobs, plus a custom_id unique in the batch) per line; blank "
+                 "lines and lines starting with # are skipped. image, mask and edges are file ids from POST "
+                 "/v1/files. Errors name an item by custom_id, else by its line.")
+MANIFEST_EXAMPLE = "\n".join(json.dumps(item) for item in (
+    {"custom_id": "sku-001", "kind": "generate", "prompt": "a white leather sneaker, studio light", "seed": 7},
+    {"custom_id": "sku-002", "kind": "inpaint", "mode": "fill", "image": "<file id>", "mask": "<file id>",
+     "output_format": "jpeg", "quality": 85},
+    {"custom_id": "sku-003", "kind": "upscale", "image": "<file id>", "output_format": "webp"},
+)) + "\n"
+
 
 def _batch_out(settings: Settings, tenant: str, batch_id: str) -> BatchOut:
     with session_scope(settings.database_url) as session:
@@ -69,7 +79,8 @@ def parse_manifest(text: str) -> list[Any]:
 
 @router.post("/manifest", status_code=202, response_model=BatchOut,
              openapi_extra={"requestBody": {"required": True, "content": {
-                 "application/x-ndjson": {"schema": {"type": "string", "description": "one job spec per line"}}}}})
+                 "application/x-ndjson": {"schema": {"type": "string", "description": MANIFEST_HELP},
+                                          "example": MANIFEST_EXAMPLE}}}})
 async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
                                idempotency_key: IdempotencyKey = None,
                                metadata: Annotated[str | None, Query(description="JSON object")] = None,
