@@ -92,8 +92,8 @@ DEFAULT_MODELS = {
     "inpaint.structure": "tiny-sd-controlnet",
     "upscale": "realesrgan-x4",
 }
-# Where the workers have no GPU: Real-ESRGAN measured ~10x the CPU time of waifu2x per output
-# megapixel (`step1x measure-upscalers`, README), and waifu2x scores higher PSNR.
+# Where the workers have no GPU: Real-ESRGAN measured ~20x the CPU time of waifu2x per output
+# megapixel (`step1x measure-upscalers`, README), and waifu2x scores the higher PSNR.
 CPU_DEFAULT_MODELS = {"upscale": "waifu2x-x4"}
 
 

@@ -50,7 +50,7 @@ def measure(settings: Settings, names: list[str], size: int = 512, repeats: int 
         kind = str(getattr(getattr(engine, "device", None), "type", "cpu"))
         report["upscalers"][name] = {"device": kind, "seconds_per_image": round(seconds, 4),
                                      "seconds_per_megapixel": round(seconds / megapixels, 4),
-                                     "megapixels_per_second": round(megapixels / seconds, 3)}
+                                     "megapixels_per_second": round(megapixels / seconds, 5)}
     return report
 
 
@@ -61,7 +61,7 @@ def print_report(report: dict[str, Any], console: Console, out: Path | None = No
         table.add_column(column, justify="left" if column in ("model", "device") else "right")
     for name, m in report["upscalers"].items():
         table.add_row(name, m["device"], f"{m['seconds_per_image']:.3f}", f"{m['seconds_per_megapixel']:.3f}",
-                      f"{m['megapixels_per_second']:.2f}")
+                      f"{m['megapixels_per_second']:.3g}")
     console.print(table)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
