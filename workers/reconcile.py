@@ -78,7 +78,7 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, int]:
             if rows:
                 send(session, settings, [dispatch.Planned(*row) for row in rows])
                 report["redispatched"] += len(rows)
-    report.update(sweep(settings))  # completion windows and output retention
     if any(report.values()):
         log.warning("reconcile: %s", report)
+    sweep(settings)  # completion windows and output retention; it logs what it did
     return report
