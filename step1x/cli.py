@@ -35,10 +35,6 @@ Port = Annotated[int, typer.Option(help="the API's port on 127.0.0.1 (must be fr
 FINISHED = ("succeeded", "failed", "canceled", "expired")
 
 
-def _client(api_url: str | None, api_key: str | None) -> Client:
-    return Client(api_url, api_key)
-
-
 def ensure_port_free(port: int) -> None:
     """Fail at once, before anything starts, when another server holds the API's port."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -167,7 +163,7 @@ def submit(manifest: Path, wait: bool = False,
            quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the batch id")] = False,
            api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
     """Submit a JSONL manifest (local image paths are uploaded); with --wait, show progress, then a summary."""
-    with _client(api_url, api_key) as client:
+    with Client(api_url, api_key) as client:
         started = time.monotonic()
         batch = client.submit_manifest(manifest, completion_window=completion_window, output_ttl=output_ttl)
         if quiet:
@@ -184,14 +180,14 @@ def submit(manifest: Path, wait: bool = False,
 @app.command()
 def status(batch_id: str, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
     """A batch's status and counts."""
-    with _client(api_url, api_key) as client:
+    with Client(api_url, api_key) as client:
         console.print_json(json.dumps(client.get_batch(batch_id)))
 
 
 @app.command()
 def results(batch_id: str, out: Path = Path("results"), api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
     """Download every output of a batch into OUT, named by custom_id, with its format's extension."""
-    with _client(api_url, api_key) as client:
+    with Client(api_url, api_key) as client:
         paths = client.download_results(batch_id, out)
     console.print(f"{len(paths)} images in {out}")
 

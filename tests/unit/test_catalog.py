@@ -94,3 +94,20 @@ def test_submit_names_every_missing_file_by_custom_id_or_line(tmp_path):
         client.submit_manifest(manifest)  # refused before anything is uploaded (nothing listens on :9)
     assert [(e.item, e.field) for e in caught.value.errors] == [("a", "image"), ("line 4", "mask")]
     assert json.loads(lines[1])["image"] in caught.value.errors[0].message
+
+
+def test_on_progress_fires_only_when_the_batch_changed():
+    """The client's own polling logic, against canned answers (the API itself is tested elsewhere)."""
+    import httpx
+
+    states = [("queued", 0, 0.0), ("queued", 0, 0.0), ("running", 1, 0.5), ("running", 1, 0.5), ("completed", 2, 1.0)]
+    answers = iter(states)
+
+    def answer(_: httpx.Request) -> httpx.Response:
+        status, done, progress = next(answers)
+        return httpx.Response(200, json={"status": status, "counts": {"succeeded": done}, "progress": progress})
+
+    seen: list[str] = []
+    with Client("http://api", "key", transport=httpx.MockTransport(answer)) as client:
+        client.wait_batch("bat_1", on_progress=lambda b: seen.append(b["status"]), poll=0)
+    assert seen == ["queued", "running", "completed"]
