@@ -73,7 +73,7 @@ def cancel_batch(session: Session, tenant: str, batch_id: str) -> int:
     batch = get_batch(session, tenant, batch_id)
     canceled = _cancel(session, Job.batch_id == batch.id)
     if canceled:  # a batch that had already finished keeps its status
-        batch.canceled = True
+        batch.canceled, batch.canceled_at = True, utcnow()
     complete_batches(session, [batch.id])
     return canceled
 

@@ -7,10 +7,12 @@ the environment and calling `get_settings.cache_clear()`.
 
 from __future__ import annotations
 
-from functools import lru_cache
+import os
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
+import platformdirs
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,6 +49,12 @@ class ModelProfile(BaseModel):
     # Marks the offline defaults, whose random weights draw noise: logged loudly when loaded.
     tiny: bool = False
 
+    @property
+    def seeded(self) -> bool:
+        """Whether its output depends on the seed: diffusion does; upscalers and the classical filler
+        are deterministic."""
+        return self.engine in ("diffusers", "controlnet")
+
 
 def _default_profiles(models_dir: Path) -> dict[str, ModelProfile]:
     tiny = models_dir / "tiny"
@@ -76,14 +84,40 @@ def _default_profiles(models_dir: Path) -> dict[str, ModelProfile]:
     }
 
 
+# Which profile serves a job that names none, per task ("inpaint.<mode>" for inpainting).
+DEFAULT_MODELS = {
+    "generate": "tiny-sd",
+    "inpaint.fill": "classical-fill",
+    "inpaint.text": "tiny-sd-inpaint",
+    "inpaint.structure": "tiny-sd-controlnet",
+    "upscale": "realesrgan-x4",
+}
+# Where the workers have no GPU: Real-ESRGAN measured ~20x the CPU time of waifu2x per output
+# megapixel (`step1x measure-upscalers`, README), and waifu2x scores the higher PSNR.
+CPU_DEFAULT_MODELS = {"upscale": "waifu2x-x4"}
+
+
+@cache
+def gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU to its processes (driver device nodes; no torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def default_data_dir() -> Path:
+    """A stable per-user folder (~/.local/share/step1x on Linux), whatever the working directory."""
+    return Path(platformdirs.user_data_dir("step1x", appauthor=False))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STEP1X_", env_nested_delimiter="__", env_file=".env", extra="ignore"
     )
 
     environment: Literal["development", "production"] = "development"
-    # Root of local state for the embedded stack: SQLite file, logs, model weights, S3 data.
-    data_dir: Path = Path(".step1x")
+    # Root of local state for the embedded stack: SQLite file, logs, model weights, S3 data, dev key.
+    data_dir: Path = Field(default_factory=default_data_dir)
 
     database_url: str = ""  # default: SQLite in data_dir
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -98,6 +132,10 @@ class Settings(BaseSettings):
     presign_seconds: int = 3600
     # boto3's own tries per S3 call before the micro-batch counts as interrupted and is retried whole.
     s3_max_attempts: int = 5
+    # Defaults of a batch's `completion_window` (jobs not finished by then end expired) and
+    # `output_ttl` (outputs are deleted this long after the batch finishes), in seconds.
+    completion_window: int = Field(24 * 3600, ge=60, le=30 * 24 * 3600)
+    output_ttl: int = Field(7 * 24 * 3600, ge=3600, le=30 * 24 * 3600)
 
     # Redis re-delivers a task unacknowledged for this long: keep it far above the longest micro-batch.
     visibility_timeout: int = 3600
@@ -162,16 +200,11 @@ class Settings(BaseSettings):
 
     models_dir: Path | None = None  # default: data_dir / "models"
     models: dict[str, ModelProfile] = Field(default_factory=dict)
-    # Which profile serves a job that names none, per task ("inpaint.<mode>" for inpainting).
-    default_models: dict[str, str] = Field(
-        default_factory=lambda: {
-            "generate": "tiny-sd",
-            "inpaint.fill": "classical-fill",
-            "inpaint.text": "tiny-sd-inpaint",
-            "inpaint.structure": "tiny-sd-controlnet",
-            "upscale": "realesrgan-x4",
-        }
-    )
+    # The workers' device kind, which picks the per-device defaults below; "auto" looks at this
+    # machine. Set it where the API runs apart from its GPU workers.
+    compute: Literal["auto", "cpu", "cuda"] = "auto"
+    # Profile per task for jobs that name none; entries given here override the per-device defaults.
+    default_models: dict[str, str] = Field(default_factory=dict)
     # Profiles loaded at once in one worker; the least recently used is evicted past this.
     pipeline_cache_size: int = 4
     prompt_cache_size: int = 1024
@@ -185,12 +218,15 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().absolute()
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'step1x.db').resolve()}"
         if self.models_dir is None:
             self.models_dir = self.data_dir / "models"
         # User profiles extend and override the offline defaults.
         self.models = {**_default_profiles(self.models_dir), **self.models}
+        on_cpu = self.compute == "cpu" or (self.compute == "auto" and not gpu_visible())
+        self.default_models = {**DEFAULT_MODELS, **(CPU_DEFAULT_MODELS if on_cpu else {}), **self.default_models}
         for key, name in self.default_models.items():
             if name not in self.models:
                 raise ConfigError(f"STEP1X_DEFAULT_MODELS[{key!r}] names unknown model profile {name!r}")

@@ -42,6 +42,7 @@ def _no_blank(value: str) -> str:
 
 
 Prompt = Annotated[str, Field(max_length=2000), AfterValidator(_no_blank)]
+FILE_FIELDS = ("image", "mask", "edges")
 
 
 class _Spec(BaseModel):
@@ -55,6 +56,16 @@ class _Spec(BaseModel):
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random and recorded when omitted")
     cache: bool = Field(True, description="reuse the stored output of an identical earlier job (same spec, "
                                           "inputs, seed and model weights)")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="how outputs are encoded")
+    quality: int | None = Field(None, ge=1, le=100, description="jpeg and webp quality (90 when omitted)")
+    background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$",
+                            description="colour that transparent input pixels are flattened onto")
+
+    @model_validator(mode="after")
+    def _lossy_quality(self) -> _Spec:
+        if self.quality is not None and self.output_format == "png":
+            raise ValueError("quality: png is lossless; quality applies to jpeg and webp")
+        return self
 
     @field_validator("custom_id")
     @classmethod
@@ -121,8 +132,7 @@ def task_key(spec: AnySpec) -> str:
 
 def input_files(spec: AnySpec) -> dict[str, str]:
     """The file ids a spec refers to, by field name."""
-    names = ("image", "mask", "edges")
-    return {n: getattr(spec, n) for n in names if getattr(spec, n, None) is not None}
+    return {n: getattr(spec, n) for n in FILE_FIELDS if getattr(spec, n, None) is not None}
 
 
 def _field_of(loc: Sequence[str | int], message: str) -> tuple[str, str]:
@@ -147,6 +157,9 @@ def parse_item(raw: Any, item: str | None = None) -> AnySpec:
                 errors.append(FieldError("kind", "must be one of: generate, inpaint, upscale", item))
                 continue
             field, message = _field_of(err["loc"], err["msg"])
+            if field in FILE_FIELDS and err["type"] == "string_pattern_mismatch":
+                message = (f"{err['input']!r} is not a file id: upload the file with POST /v1/files and pass "
+                           "its id, or submit with `step1x submit`, which uploads local paths")
             errors.append(FieldError(field, message, item))
         raise InvalidInput(errors) from None
 

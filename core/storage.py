@@ -16,6 +16,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core.errors import NotFound, ServiceUnavailable
+from core.formats import CONTENT_TYPES, EXTENSIONS
 from core.settings import Settings
 
 
@@ -23,9 +24,19 @@ def input_key(tenant: str, file_id: str) -> str:
     return f"inputs/{tenant}/{file_id}"
 
 
-def output_key(tenant: str, batch_id: str | None, job_id: str, index: int = 0) -> str:
+def output_prefix(tenant: str, batch_id: str | None) -> str:
+    return f"outputs/{tenant}/{batch_id or 'single'}/"
+
+
+def output_key(tenant: str, batch_id: str | None, job_id: str, index: int = 0, output_format: str = "png") -> str:
     suffix = "" if index == 0 else f"-{index}"
-    return f"outputs/{tenant}/{batch_id or 'single'}/{job_id}{suffix}.png"
+    return f"{output_prefix(tenant, batch_id)}{job_id}{suffix}.{EXTENSIONS[output_format]}"
+
+
+def format_of(key: str) -> str:
+    """The output format a stored key was written in (its extension)."""
+    extension = key.rsplit(".", 1)[-1]
+    return next((f for f, ext in EXTENSIONS.items() if ext == extension), "png")
 
 
 def attachment(filename: str) -> str:
@@ -94,8 +105,21 @@ class Storage:
         self.client.copy_object(Bucket=self.bucket, Key=key,
                                 CopySource={"Bucket": self.bucket, "Key": source_key})
 
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under `prefix`; returns how many there were."""
+        deleted = 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            keys = [{"Key": obj["Key"]} for obj in page.get("Contents", [])]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+                deleted += len(keys)
+        return deleted
+
     def presign_get(self, key: str, filename: str | None = None) -> str:
-        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
+        """A GET URL that serves the object with its image type and, given a file name, as a
+        download under that name (any characters, safely encoded)."""
+        params: dict[str, Any] = {"Bucket": self.bucket, "Key": key,
+                                  "ResponseContentType": CONTENT_TYPES[format_of(key)]}
         if filename:
             params["ResponseContentDisposition"] = attachment(filename)
         url: str = self.public_client.generate_presigned_url(

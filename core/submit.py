@@ -20,6 +20,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core import dispatch, fetch
+from core.catalog import BatchTerms
 from core.db import session_scope
 from core.errors import Conflict, FieldError, InvalidInput
 from core.files import files_by_id
@@ -75,7 +76,7 @@ def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], setting
 
 
 def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequence[Any], *,
-           as_batch: bool, metadata: dict[str, Any] | None = None
+           as_batch: bool, metadata: dict[str, Any] | None = None, terms: BatchTerms | None = None
            ) -> Accepted:
     """Validate and store; the caller commits, then calls `send`."""
     if not raw_items:
@@ -85,13 +86,14 @@ def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequenc
     if errors or file_errors:
         raise InvalidInput(errors + file_errors)
     batch = None
+    now = utcnow()
     if as_batch:
+        terms = terms or BatchTerms.parse(settings)
         batch = Batch(id=new_id("bat"), tenant_id=tenant, metadata_=metadata or {},
-                      total=len(specs))
+                      total=len(specs), created_at=now, **terms.columns(now))
         session.add(batch)
         session.flush()
     lane = "bulk" if as_batch else "interactive"
-    now = utcnow()
     rows = []
     for spec in specs:
         image = files.get(getattr(spec, "image", None) or "")
@@ -167,7 +169,8 @@ def send_committed(settings: Settings, planned: Sequence[dispatch.Planned]) -> N
 
 def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: bool,
            metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
-           body: Any = None, dispatcher: Callable[[Sequence[dispatch.Planned]], object] | None = None,
+           body: Any = None, terms: BatchTerms | None = None,
+           dispatcher: Callable[[Sequence[dispatch.Planned]], object] | None = None,
            on_accept: Callable[[Session, str], None] | None = None) -> tuple[str, bool]:
     """Validate, store and dispatch; returns (batch or job id, whether it was created now).
 
@@ -182,7 +185,7 @@ def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: b
             dispatch_undispatched(settings, tenant, earlier)
             return earlier, False
         with session_scope(settings.database_url) as session:
-            accepted = accept(session, settings, tenant, items, as_batch=as_batch, metadata=metadata)
+            accepted = accept(session, settings, tenant, items, as_batch=as_batch, metadata=metadata, terms=terms)
             resource = accepted.batch.id if accepted.batch else accepted.jobs[0]["id"]
             if on_accept is not None:
                 on_accept(session, resource)

@@ -81,10 +81,12 @@ class File(Base):
 
 class Batch(Base):
     __tablename__ = "batches"
-    # Listing pages newest first, for one tenant or (operators) for all.
+    # Listing pages newest first, for one tenant or (operators) for all; sweeps by deadline and age.
     __table_args__ = (
         Index("ix_batches_tenant_created", "tenant_id", "created_at"),
         Index("ix_batches_created", "created_at"),
+        Index("ix_batches_expires_at", "expires_at"),
+        Index("ix_batches_finished_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("bat"))
@@ -95,6 +97,15 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     # Set once, by whoever sees the last job become terminal (a conditional UPDATE, so exactly once).
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # When a worker first claimed one of its jobs, and when the user canceled it.
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    canceled_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Seconds after creation its unfinished jobs end `expired` (expires_at = created_at + window).
+    completion_window: Mapped[int] = mapped_column(Integer, default=24 * 3600)
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # Seconds after finishing its outputs are deleted; the sweep records when it did.
+    output_ttl: Mapped[int] = mapped_column(Integer, default=7 * 24 * 3600)
+    outputs_deleted_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 class Job(Base):
@@ -148,6 +159,12 @@ class Job(Base):
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     fingerprint: Mapped[str | None] = mapped_column(String(64))
     timings: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # What the job cost: megapixels of output drawn, denoising steps run, seconds of compute and
+    # the device kind ("cpu", "cuda") that spent them. Summed per batch.
+    usage_megapixels: Mapped[float | None] = mapped_column(Float)
+    usage_steps: Mapped[int | None] = mapped_column(Integer)
+    usage_compute_seconds: Mapped[float | None] = mapped_column(Float)
+    usage_device: Mapped[str | None] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     dispatched_at: Mapped[datetime | None] = mapped_column(DateTime)
     started_at: Mapped[datetime | None] = mapped_column(DateTime)

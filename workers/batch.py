@@ -29,13 +29,15 @@ from sqlalchemy.orm import Session
 from core import events, thumbs
 from core.db import session_scope
 from core.errors import InvalidInput, NotFound, Step1XError
+from core.formats import CONTENT_TYPES, encode, flatten
 from core.jobs import complete_batches
 from core.masks import as_mask
 from core.settings import Settings
 from core.specs import parse_item
 from core.status import RETRYABLE, ErrorCode, JobStatus, failure, sources_of
 from core.storage import Storage, input_key, output_key
-from core.tables import Job, utcnow
+from core.tables import Batch, Job, utcnow
+from core.usage import Usage
 from models.engine import Canceled, Engine, ImageRequest, ImageResult
 from models.profiles import library_versions
 from workers.progress import Watch
@@ -74,6 +76,7 @@ class Outcome:
     result: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     fingerprint: str | None = None
+    usage: Usage = field(default_factory=Usage)
 
     def fail(self, code: ErrorCode, error: str) -> None:
         self.status, self.code, self.error = JobStatus.FAILED, code, error
@@ -119,6 +122,10 @@ def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Setti
     )
     if rest:
         claimed += [Claimed(*row) for row in session.execute(stmt, execution_options=options)]
+    batch_ids = {c.batch_id for c in claimed if c.batch_id}
+    if batch_ids:
+        session.execute(update(Batch).where(Batch.id.in_(batch_ids), Batch.started_at.is_(None))
+                        .values(started_at=now))
     order = {job_id: i for i, job_id in enumerate(job_ids)}
     return sorted(claimed, key=lambda c: order[c.id])
 
@@ -126,21 +133,29 @@ def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Setti
 def requests_for(job: Claimed, images: Callable[[str], Image.Image]) -> list[ImageRequest]:
     """The engine requests of one job: one per output image."""
     spec = parse_item({**job.spec, "custom_id": job.custom_id}, job.label)
-    data = spec.model_dump(exclude={"custom_id", "model", "kind", "cache", "num_images", "seed"})
+    data = spec.model_dump(exclude={"custom_id", "model", "kind", "cache", "num_images", "seed", "output_format",
+                                    "quality", "background"})
     data["prompt"] = data.get("prompt") or ""  # fill and structure modes may omit it
     for name in ("image", "mask", "edges"):
         if data.get(name) is not None:
-            data[name] = as_mask(images(data[name])) if name == "mask" else images(data[name]).convert("RGB")
+            data[name] = as_mask(images(data[name])) if name == "mask" else flatten(images(data[name]), spec.background)
     count = job.spec.get("num_images", 1)
     seed = job.spec["seed"]
     return [ImageRequest(kind=spec.kind, seed=seed + i, label=job.label, **data) for i in range(count)]
 
 
 def fingerprint(job: Claimed, engine: Engine) -> str:
-    """Identical jobs (same spec, content-addressed inputs, seed and model weights) share one."""
-    spec = {k: v for k, v in job.spec.items() if k != "cache"}
+    """Identical jobs (same spec, content-addressed inputs, seed and model weights) share one. The
+    seed is left out for engines that do not use it, so identical upscales and fills match."""
+    ignored = {"cache"} if engine.profile.seeded else {"cache", "seed"}
+    spec = {k: v for k, v in job.spec.items() if k not in ignored}
     blob = json.dumps([spec, engine.name, engine.model_hash], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def device_kind(engine: Engine) -> str:
+    """"cuda" or "cpu": what the engine's compute ran on (engines without torch run on the CPU)."""
+    return str(getattr(getattr(engine, "device", None), "type", "cpu"))
 
 
 def run_isolating(engine: Engine, requests: list[ImageRequest]) -> list[ImageResult | Exception]:
@@ -156,12 +171,6 @@ def run_isolating(engine: Engine, requests: list[ImageRequest]) -> list[ImageRes
             return [exc]
         mid = len(requests) // 2
         return run_isolating(engine, requests[:mid]) + run_isolating(engine, requests[mid:])
-
-
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 class Interrupted(Exception):
@@ -272,7 +281,7 @@ class MicroBatch:
             return
         run_seconds = (time.perf_counter() - started) / len(flat)
         canceled = watch.canceled_now()  # canceled while it ran: nothing of theirs is uploaded
-        uploads: list[tuple[str, Image.Image]] = []
+        uploads: list[tuple[str, Image.Image, str, int | None]] = []
         thumbnails: list[tuple[Claimed, list[tuple[str, Image.Image]]]] = []
         cursor = 0
         for outcome, reqs in pending:
@@ -287,18 +296,22 @@ class MicroBatch:
                 outcome.fail(code, f"{type(failure).__name__}: {failure}")
                 continue
             job = outcome.job
-            keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(mine))]
+            fmt = job.spec.get("output_format", "png")
+            keys = [output_key(job.tenant_id, job.batch_id, job.id, i, fmt) for i in range(len(mine))]
             images = [r for r in mine if isinstance(r, ImageResult)]  # all of them: no failure above
-            uploads.extend((key, r.image) for key, r in zip(keys, images, strict=True))
+            uploads.extend((key, r.image, fmt, job.spec.get("quality")) for key, r in zip(keys, images, strict=True))
             thumbnails.append((job, [(key, r.image) for key, r in zip(keys, images, strict=True)]))
             outcome.output_keys = keys
             outcome.result = {"seeds": [r.seed for r in images], "model": engine.name,
                               "model_hash": engine.model_hash, "versions": library_versions(), "cached": False}
             outcome.timings["run"] = round(run_seconds * len(reqs), 4)
+            steps = sum(r.steps for r in reqs) if engine.profile.seeded else 0
+            outcome.usage = Usage.of((r.image.size for r in images), steps, run_seconds * len(reqs),
+                                     device_kind(engine))
         started = time.perf_counter()
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
         with ThreadPoolExecutor(max_workers=4) as pool:
-            list(pool.map(lambda item: self.storage.put(item[0], encode_png(item[1]), "image/png"), uploads))
+            list(pool.map(lambda up: self.storage.put(up[0], encode(*up[1:]), CONTENT_TYPES[up[2]]), uploads))
             list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
                                                  self._image(t[0].tenant_id)), thumbnails))
         upload_seconds = (time.perf_counter() - started) / max(1, len(uploads))
@@ -331,7 +344,8 @@ class MicroBatch:
             ).first()
         if source is None or not source.output_keys:
             return False
-        keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(source.output_keys))]
+        keys = [output_key(job.tenant_id, job.batch_id, job.id, i, job.spec.get("output_format", "png"))
+                for i in range(len(source.output_keys))]
         try:
             for src, dst in zip(source.output_keys, keys, strict=True):
                 self.storage.copy(src, dst)
@@ -352,6 +366,7 @@ def finish(settings: Settings, outcomes: Sequence[Outcome]) -> list[Outcome]:
         "b_keys": o.output_keys or None, "b_result": o.result or None, "b_timings": o.timings,
         "b_fingerprint": o.fingerprint, "b_finished": now,
         "b_progress": 1.0 if o.status == JobStatus.SUCCEEDED else 0.0,
+        **{f"b_{name}": value for name, value in o.usage.columns().items()},
     } for o in outcomes if o.status != JobStatus.CANCELED]
     table = Job.__table__
     assert isinstance(table, Table)
@@ -363,7 +378,8 @@ def finish(settings: Settings, outcomes: Sequence[Outcome]) -> list[Outcome]:
                 retryable=bindparam("b_retryable"), output_keys=bindparam("b_keys"),
                 result=bindparam("b_result"), timings=bindparam("b_timings"),
                 fingerprint=bindparam("b_fingerprint"), finished_at=bindparam("b_finished"),
-                progress=bindparam("b_progress"), lease_until=None, outage_since=None)
+                progress=bindparam("b_progress"), lease_until=None, outage_since=None,
+                **{name: bindparam(f"b_{name}") for name in Usage().columns()})
     )
     with session_scope(settings.database_url) as session:
         if rows:

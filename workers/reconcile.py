@@ -38,6 +38,7 @@ from sqlalchemy.orm import Session
 from core import dispatch, events, fetch
 from core.db import session_scope
 from core.jobs import RECONCILER, complete_batches, unfinished_batches
+from core.retention import sweep
 from core.settings import Settings
 from core.status import ErrorCode, JobStatus, failure
 from core.submit import send
@@ -143,6 +144,7 @@ def reconcile(settings: Settings, limit: int = 20_000) -> dict[str, Any]:
     record(settings, now, {**report, "seeing_since": seeing_since.isoformat()})
     if any(report.values()):
         log.warning("reconcile: %s", report)
+    sweep(settings)  # completion windows and output retention; it logs what it did
     return report
 
 

@@ -9,24 +9,29 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import CursorDep, IdempotencyKey, SettingsDep, StorageDep, TenantDep, known_id
-from api.schemas import BatchIn, BatchOut, JobOut, JobPage
+from api.schemas import DURATION_HELP, BatchIn, BatchOut, JobOut, JobPage
 from core import jobs
+from core.catalog import BatchTerms
 from core.db import session_scope
 from core.errors import FieldError, InvalidInput
 from core.limits import check_metadata, loads
+from core.retention import delete_batch
 from core.settings import Settings
 from core.status import JobStatus
 from core.submit import submit
+from core.usage import batch_usage, job_usage
 from core.webhooks import Callback
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
-
+MANIFEST_HELP = ("JSONL: one job spec (as in POST /v1/jobs, plus a custom_id unique in the batch) per line; blank "
+                 "lines and lines starting with # are skipped. image, mask and edges are file ids from POST "
+                 "/v1/files. Errors name an item by custom_id, else by its line.")
 def _batch_out(settings: Settings, tenant: str, batch_id: str) -> BatchOut:
     with session_scope(settings.database_url) as session:
         batch = jobs.get_batch(session, tenant, batch_id)
         status, counts = jobs.summary(session, batch)
-        return BatchOut.of(batch, status, counts)
+        return BatchOut.of(batch, status, counts, batch_usage(session, batch.id))
 
 
 REPLAY: dict[int | str, dict[str, Any]] = {
@@ -41,8 +46,9 @@ def create(body: BatchIn, tenant: TenantDep, settings: SettingsDep, response: Re
     metadata_errors = check_metadata(body.metadata, settings)
     if metadata_errors:
         raise InvalidInput(metadata_errors)
+    terms = BatchTerms.parse(settings, body.completion_window, body.output_ttl)
     callback = Callback.parse(settings, body.webhook, body.webhook_events, batch=True)
-    batch_id, created = submit(settings, tenant, body.items, as_batch=True, metadata=body.metadata,
+    batch_id, created = submit(settings, tenant, body.items, as_batch=True, metadata=body.metadata, terms=terms,
                                idempotency_key=idempotency_key, body=body.model_dump(),
                                on_accept=callback.storer(tenant) if callback else None)
     if not created:
@@ -78,12 +84,17 @@ def parse_manifest(text: str, max_depth: int) -> list[Any]:
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/x-ndjson": {"schema": {
                      "type": "array", "minItems": 1, "items": {"$ref": "#/components/schemas/JobSpec"},
-                     "description": "JSONL: one job spec per line, each with a custom_id"}}}}})
+                     "description": MANIFEST_HELP}}}}})
 async def create_from_manifest(request: Request, tenant: TenantDep, settings: SettingsDep, response: Response,
                                idempotency_key: IdempotencyKey = None,
                                metadata: Annotated[str | None, Query(description="JSON object")] = None,
                                webhook: Annotated[str | None, Query(description="callback URL")] = None,
-                               webhook_events: Annotated[list[str] | None, Query()] = None) -> BatchOut:
+                               webhook_events: Annotated[list[str] | None, Query()] = None,
+                               completion_window: Annotated[str | None, Query(
+                                   description=f"as in POST /v1/batches; {DURATION_HELP}", examples=["24h"])] = None,
+                               output_ttl: Annotated[str | None, Query(
+                                   description=f"as in POST /v1/batches; {DURATION_HELP}", examples=["7d"])] = None,
+                               ) -> BatchOut:
     """Submit a JSONL manifest as the raw request body (`curl --data-binary @catalog.jsonl`), at most
     STEP1X_MAX_MANIFEST_BYTES (413 past it: split the catalog into several batches)."""
     raw = await request.body()  # bounded by api.guard
@@ -94,16 +105,18 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
     metadata_errors = check_metadata(meta, settings)
     if metadata_errors:
         raise InvalidInput(metadata_errors)
+    terms = BatchTerms.parse(settings, completion_window, output_ttl)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"the manifest is not UTF-8 (byte {exc.start})", "body") from None
     items = await run_in_threadpool(parse_manifest, text, settings.max_json_depth)
     callback = Callback.parse(settings, webhook, webhook_events, batch=True)
-    body = {"items": items, "metadata": meta, "webhook": webhook, "webhook_events": webhook_events}
+    body = {"items": items, "metadata": meta, "webhook": webhook, "webhook_events": webhook_events,
+            "completion_window": completion_window, "output_ttl": output_ttl}
     batch_id, created = await run_in_threadpool(
         submit, settings, tenant, items, as_batch=True, metadata=meta, idempotency_key=idempotency_key, body=body,
-        on_accept=callback.storer(tenant) if callback else None)
+        terms=terms, on_accept=callback.storer(tenant) if callback else None)
     if not created:
         response.status_code = 200
     return await run_in_threadpool(_batch_out, settings, tenant, batch_id)
@@ -129,7 +142,7 @@ def list_jobs(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: 
 @router.get("/{batch_id}/results", response_class=StreamingResponse,
             responses={200: {"content": {"application/x-ndjson": {}}}})
 def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> StreamingResponse:
-    """JSONL, one line per item: custom_id, status, output URL(s) or error."""
+    """JSONL, one line per item: custom_id, job_id, status, output URL(s) or error, usage."""
     known_id("batch", batch_id)
     with session_scope(settings.database_url) as session:
         jobs.get_batch(session, tenant, batch_id)  # 404 before streaming starts
@@ -143,6 +156,9 @@ def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: St
                 line["urls"] = [o.url for o in out.outputs]
             if job.error:
                 line["error"] = job.error
+            usage = job_usage(job)
+            if usage:
+                line["usage"] = usage
             yield (json.dumps(line) + "\n").encode()
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
@@ -155,3 +171,11 @@ def cancel(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
     with session_scope(settings.database_url) as session:
         jobs.cancel_batch(session, tenant, batch_id)
     return _batch_out(settings, tenant, batch_id)
+
+
+@router.delete("/{batch_id}", status_code=204, responses={409: {"description": "the batch is still running"}})
+def remove(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> Response:
+    """Delete a finished batch: its outputs in storage, its jobs and the batch. A running batch
+    answers 409: cancel it first."""
+    delete_batch(settings, storage, tenant, batch_id)
+    return Response(status_code=204)

@@ -17,7 +17,8 @@ EXAMPLES = {
     "generate": {"value": {"kind": "generate", "prompt": "a white sneaker on a wooden table", "width": 512,
                            "height": 512, "steps": 30, "seed": 7}},
     "inpaint": {"value": {"kind": "inpaint", "mode": "fill", "image": "<file id>", "mask": "<file id>"}},
-    "upscale": {"value": {"kind": "upscale", "image": "<file id>", "scale": 4}},
+    "upscale": {"value": {"kind": "upscale", "image": "<file id>", "scale": 4, "output_format": "jpeg",
+                          "quality": 90}},
 }
 
 

@@ -13,6 +13,7 @@ from api.schemas import BatchOut
 from core import jobs, listing
 from core.db import session_scope
 from core.operate import retry_failed
+from core.usage import batch_usage
 
 router = APIRouter(prefix="/v1/batches", tags=["batches"])
 
@@ -62,7 +63,7 @@ def retry(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> RetryOut:
     with session_scope(settings.database_url) as session:
         batch = jobs.get_batch(session, tenant, batch_id)
         status, counts = jobs.summary(session, batch)
-        return RetryOut(retried=retried, batch=BatchOut.of(batch, status, counts))
+        return RetryOut(retried=retried, batch=BatchOut.of(batch, status, counts, batch_usage(session, batch.id)))
 
 
 def _naive(value: datetime | None) -> datetime | None:

@@ -180,10 +180,11 @@ def test_reconciler_leaves_jobs_whose_messages_are_waiting(settings):
 
 
 def test_a_model_that_cannot_load_fails_its_jobs_with_the_reason(settings, worker):
-    # realesrgan-x4 is the default upscaler; its weights are not pulled here, and the API is told not to
-    # check (as where it runs apart from the workers' model directory)
+    # realesrgan-x4's weights are not pulled here, and the API is told not to check (as where it runs
+    # apart from the workers' model directory)
     client = api_client(settings.model_copy(update={"check_weights_at_submit": False}))
-    batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png())}])
+    batch_id = submit(client, [{"custom_id": "up", "kind": "upscale", "image": upload(client, png()),
+                                "model": "realesrgan-x4"}])
     [outcome] = worker.run([j.id for j in jobs_of(settings, batch_id).values()])
     job = jobs_of(settings, batch_id)["up"]
     assert (outcome.status, job.status, job.attempts) == ("failed", "failed", 1)

@@ -44,4 +44,5 @@ def test_plan_buckets_sizes_and_costs(tmp_path):
     assert plan(g1, settings)[0] == plan(g2, settings)[0]  # nearby sizes share a bucket
     assert plan(g3, settings) == ("tiny-sd|generate|64x64|5|7.5", 2 * 64 * 64)
     assert plan(inp, settings)[1] == 512 * 512
-    assert plan(up, settings, (100, 50)) == ("realesrgan-x4|upscale|x4", 5000 * 16)  # output pixels
+    upscaler = settings.default_models["upscale"]  # per device kind
+    assert plan(up, settings, (100, 50)) == (f"{upscaler}|upscale|x4", 5000 * 16)  # output pixels

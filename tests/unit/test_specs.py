@@ -30,7 +30,7 @@ def test_valid_items_get_model_and_seed(settings):
         {"custom_id": "f", "kind": "inpaint", "mode": "fill", "image": FILE_A, "mask": FILE_B},
         {"custom_id": "u", "kind": "upscale", "image": FILE_A, "seed": 5},
     ], settings)
-    assert [s.model for s in specs] == ["tiny-sd", "classical-fill", "realesrgan-x4"]
+    assert [s.model for s in specs] == ["tiny-sd", "classical-fill", settings.default_models["upscale"]]
     assert all(s.seed is not None for s in specs)
     assert specs[2].seed == 5
 
