@@ -6,37 +6,28 @@ No torch here: the API validates, stores and dispatches; workers do the compute.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import TypeAdapter
 
-from api.routes import batches, files, health, jobs
-from api.schemas import ErrorOut
+from api import dashboard, errors, metrics
+from api.guard import RequestGuard
+from api.routes import batches, files, health, jobs, listing, webhooks
+from api.throttle import AuthThrottle
 from core.coalesce import Coalescer
 from core.db import upgrade
-from core.errors import Conflict, FieldError, InvalidInput, NotFound, ServiceUnavailable, TooManyRequests
 from core.settings import Settings, get_settings
 from core.specs import JobSpec
 from core.storage import Storage
 from core.submit import send_committed
 
 log = logging.getLogger(__name__)
-
-ERRORS: dict[int | str, dict[str, Any]] = {
-    401: {"model": ErrorOut, "description": "missing, unknown or revoked API key"},
-    404: {"model": ErrorOut, "description": "no such resource for this tenant"},
-    409: {"model": ErrorOut, "description": "Idempotency-Key reused with a different body"},
-    422: {"model": ErrorOut, "description": "invalid input: `errors` names every bad item and field"},
-    429: {"model": ErrorOut, "description": "the tenant's queue is full: nothing was stored; retry after "
-                                            "the Retry-After header's seconds"},
-}
 
 
 def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAPI:
@@ -56,33 +47,23 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
         if app.state.coalescer is not None:
             app.state.coalescer.close()
 
-    app = FastAPI(title="Step1X Batch", version="0.1.0", lifespan=lifespan,
-                  description="Batch image generation for e-commerce catalogs: generate, inpaint, upscale.")
+    # /docs and /redoc with swagger-ui and redoc assets from an installed package: no CDN needed.
+    app = FastAPIOffline(title="Step1X Batch", version="0.1.0", lifespan=lifespan,
+                         description="Batch image generation for e-commerce catalogs: generate, inpaint, upscale.")
     app.state.settings = settings
     app.state.storage = Storage(settings)
     app.state.coalescer = None
+    app.state.auth_throttle = AuthThrottle(settings)
     app.include_router(health.router)
-    for router in (files.router, jobs.router, batches.router):
-        app.include_router(router, responses=ERRORS)
+    for router in (files.router, jobs.router, listing.router, batches.router, webhooks.router):
+        app.include_router(router, responses=errors.RESPONSES)
+    app.state.metrics = metrics.registry_for(settings)
+    app.include_router(metrics.router)
+    dashboard.install(app, settings)
 
-    @app.exception_handler(InvalidInput)
-    async def _invalid(_: Request, exc: InvalidInput) -> JSONResponse:
-        return _unprocessable(exc.errors)
-
-    @app.exception_handler(RequestValidationError)
-    async def _malformed(_: Request, exc: RequestValidationError) -> JSONResponse:
-        # FastAPI's own checks (query parameters, body shape) answer in the same shape as ours.
-        return _unprocessable([FieldError(".".join(str(p) for p in e["loc"] if p != "body") or "body", e["msg"])
-                               for e in exc.errors()])
-
-    @app.exception_handler(TooManyRequests)
-    async def _busy(_: Request, exc: TooManyRequests) -> JSONResponse:
-        return JSONResponse(ErrorOut(detail=str(exc)).model_dump(), status_code=429,
-                            headers={"Retry-After": str(exc.retry_after)})
-
-    for error, status in ((NotFound, 404), (Conflict, 409), (ServiceUnavailable, 503)):
-        app.add_exception_handler(error, _plain(status))
-    app.openapi = partial(_openapi_with_job_specs, app)  # type: ignore[method-assign]
+    errors.install(app, settings)
+    app.add_middleware(RequestGuard, settings=settings)
+    app.openapi = partial(_openapi_with_job_specs, app)
     return app
 
 
@@ -100,14 +81,3 @@ def _openapi_with_job_specs(app: FastAPI) -> dict[str, Any]:
         components["BatchIn"]["properties"]["items"]["items"] = ref
         app.openapi_schema = schema
     return app.openapi_schema
-
-
-def _unprocessable(errors: list[FieldError]) -> JSONResponse:
-    body = ErrorOut(detail="; ".join(str(e) for e in errors[:20]), errors=[e.as_dict() for e in errors])
-    return JSONResponse(body.model_dump(), status_code=422)
-
-
-def _plain(status: int) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
-    async def handler(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status)
-    return handler

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
-from fastapi import Depends, Header, HTTPException, Request
+from fastapi import Depends, Header, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from api.throttle import AuthThrottle
 from core.db import session_scope
+from core.errors import InvalidInput, NotFound, TooManyRequests
 from core.keys import tenant_for
 from core.settings import Settings
 from core.storage import Storage
@@ -27,7 +30,7 @@ def storage_dep(request: Request) -> Storage:
 _bearer = HTTPBearer(auto_error=False, description="an API key from `step1x keys create TENANT`")
 
 
-def tenant_dep(settings: Annotated[Settings, Depends(settings_dep)],
+def tenant_dep(request: Request, settings: Annotated[Settings, Depends(settings_dep)],
                credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> str:
     """The tenant of the bearer key; every /v1 query is scoped to it."""
     if credentials is None or not credentials.credentials:
@@ -36,11 +39,38 @@ def tenant_dep(settings: Annotated[Settings, Depends(settings_dep)],
     with session_scope(settings.database_url) as session:
         tenant = tenant_for(session, credentials.credentials.strip())
     if tenant is None:
+        throttle: AuthThrottle = request.app.state.auth_throttle
+        wait = throttle.failed(request.client.host if request.client else "unknown")
+        if wait is not None:
+            raise TooManyRequests(f"too many failed API-key checks from your address: retry in {wait} s", wait,
+                                  field="Authorization")
         raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant
+
+
+# The shapes of the ids this API issues (core.tables.new_id, sha256 for files). Anything else is
+# answered 404 before it reaches a query: no NUL or other text PostgreSQL would refuse gets there.
+_IDS = {"job": re.compile(r"^job_[0-9a-f]{32}$"), "batch": re.compile(r"^bat_[0-9a-f]{32}$"),
+        "file": re.compile(r"^[0-9a-f]{64}$")}
+
+
+def known_id(kind: str, value: str) -> str:
+    if not _IDS[kind].match(value):
+        raise NotFound(f"{kind} {value[:80]!r} not found")
+    return value
+
+
+def cursor_dep(cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None
+               ) -> str | None:
+    if not cursor:
+        return None
+    if not _IDS["job"].match(cursor):
+        raise InvalidInput("not a cursor this API issued: pass the `next_cursor` of the previous page", "cursor")
+    return cursor
 
 
 SettingsDep = Annotated[Settings, Depends(settings_dep)]
 StorageDep = Annotated[Storage, Depends(storage_dep)]
 TenantDep = Annotated[str, Depends(tenant_dep)]
+CursorDep = Annotated[str | None, Depends(cursor_dep)]
 IdempotencyKey = Annotated[str | None, Header(alias="Idempotency-Key", max_length=200)]

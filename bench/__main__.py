@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench import submit, worker
+from bench.dashboard import bench_dashboard
 from bench.stack import BenchStack
 
 console = Console()
@@ -97,15 +98,22 @@ def main() -> None:
                     runs[name].append(family(stack, args.quick))
         figures = {name: f for family in runs.values() for name, f in summarise(family).items()}
         engine: list[dict[str, Any]] = []
+        dashboard: list[dict[str, Any]] = []
         if not args.quick:
             from bench import models
 
             engine = models.run(models_dir)
+            dashboard = bench_dashboard(workdir)
     print_table(figures, f"Step1X Batch, whole system ({'quick' if args.quick else 'full'} run, "
                          f"{REPEATS} interleaved repeats)")
     RESULTS.write_text(json.dumps({"machine": machine(), "quick": args.quick, "repeats": REPEATS,
-                                   "figures": figures, "engine": engine}, indent=2) + "\n")
+                                   "figures": figures, "engine": engine, "dashboard": dashboard},
+                                  indent=2) + "\n")
     console.print(f"written to {RESULTS}")
+    if not args.quick:
+        from bench import webhooks
+
+        webhooks.main()
 
 
 if __name__ == "__main__":

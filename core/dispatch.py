@@ -24,6 +24,7 @@ from core.specs import AnySpec, GenerateSpec, InpaintSpec, generation_bucket
 
 RUN_BATCH = "step1x.run_batch"
 RECONCILE = "step1x.reconcile"
+OUTBOUND_DUE = "step1x.outbound_due"
 LANES = ("interactive", "bulk")  # queue names; workers listen to interactive first
 # Messages per Redis round trip when a catalog is sent.
 PIPELINE = 500
@@ -125,7 +126,8 @@ def lane_queues(lane: str, settings: Settings) -> list[str]:
 
 
 @lru_cache(maxsize=4)
-def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: float) -> Celery:
+def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: float,
+               outbound_due_interval: float = 5.0) -> Celery:
     app = Celery("step1x", broker=broker_url, set_as_current=False)
     app.conf.update(
         # A message is acknowledged only after its micro-batch finished, and a worker that dies
@@ -146,15 +148,23 @@ def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: flo
         task_serializer="json",
         accept_content=["json"],
         worker_hijack_root_logger=False,
+        # The reconciler runs in the control process, never behind a micro-batch; a run nobody took
+        # in time expires instead of piling up while that process is away.
+        task_routes={RECONCILE: {"queue": CONTROL}},
         beat_schedule={
-            "reconcile": {"task": RECONCILE, "schedule": reconcile_interval, "options": {"queue": "interactive"}},
+            "reconcile": {"task": RECONCILE, "schedule": reconcile_interval,
+                          "options": {"queue": CONTROL, "expires": reconcile_interval}},
+            # Webhook deliveries and URL fetches that are due (retries, lost messages).
+            "outbound-due": {"task": OUTBOUND_DUE, "schedule": outbound_due_interval,
+                             "options": {"queue": CONTROL, "expires": outbound_due_interval}},
         },
     )
     return app
 
 
 def app_for(settings: Settings) -> Celery:
-    return celery_app(settings.redis_url, settings.visibility_timeout, settings.reconcile_interval)
+    return celery_app(settings.redis_url, settings.visibility_timeout, settings.reconcile_interval,
+                      settings.outbound_due_interval)
 
 
 def send(batches: Sequence[Sequence[Planned]], settings: Settings) -> int:

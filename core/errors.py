@@ -3,11 +3,14 @@
     Step1XError
     ├── ConfigError            settings are wrong: fix the environment / profile
     ├── InvalidInput           a request is wrong: fix the named item and field (HTTP 422)
-    │   └── InvalidImage       bytes that are not a usable image, or sizes that disagree
-    ├── TooManyRequests        the tenant's backlog is full: retry after Retry-After (HTTP 429)
+    │   ├── InvalidImage       bytes that are not a usable image, or sizes that disagree
+    │   └── TooLarge           a request body or upload over its size limit (HTTP 413)
+    ├── TooManyRequests        wait Retry-After seconds: the tenant's backlog is full, or too many
+    │                          failed attempts came from one address (HTTP 429)
     ├── NotFound               no such resource for this tenant (HTTP 404, also across tenants)
     ├── Conflict               the request clashes with existing state (HTTP 409)
-    ├── ServiceUnavailable     a backing service (database, Redis, S3) cannot be reached (HTTP 503)
+    ├── ServiceUnavailable     a backing service (database, Redis, S3) cannot be reached (HTTP 503,
+    │                          with Retry-After)
     └── EngineError            a model failed on a job; the job fails with this message
         └── ModelNotAvailable  a profile's weights are missing: pull or configure them
 """
@@ -51,9 +54,14 @@ class InvalidImage(InvalidInput):
     pass
 
 
+class TooLarge(InvalidInput):
+    pass
+
+
 class TooManyRequests(Step1XError):
-    def __init__(self, message: str, retry_after: int) -> None:
+    def __init__(self, message: str, retry_after: int, field: str = "request") -> None:
         self.retry_after = retry_after
+        self.field = field
         super().__init__(message)
 
 

@@ -20,12 +20,13 @@ from typing import Any
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session
 
-from core import dispatch
+from core import dispatch, fetch
+from core.catalog import BatchTerms
 from core.db import session_scope
 from core.errors import FieldError, InvalidInput, TooManyRequests
 from core.files import files_by_id
 from core.settings import Settings
-from core.specs import AnySpec, GenerateSpec, InpaintSpec, UpscaleSpec, input_files, parse_items
+from core.specs import AnySpec, GenerateSpec, InpaintSpec, UpscaleSpec, check_mask, input_files, parse_items
 from core.status import JobStatus
 from core.tables import Batch, Calibration, Job, new_id, utcnow
 
@@ -66,7 +67,8 @@ def calibrated_budgets(session: Session) -> dict[str, int]:
 
 
 def store(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert job rows with the database's fast path."""
+    """Insert job rows with the database's fast path, and the fetches of their URL inputs. The
+    batch's counters follow from the rows (the jobs table's triggers)."""
     if not rows:
         return
     conn = session.connection()
@@ -77,6 +79,7 @@ def store(session: Session, rows: Sequence[dict[str, Any]]) -> None:
                 copy.write_row([json.dumps(row["spec"]) if c == "spec" else row[c] for c in COPY_COLUMNS])
     else:
         conn.execute(insert(Job), list(rows))
+    fetch.record(session, rows)
 
 
 def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], settings: Settings
@@ -85,16 +88,18 @@ def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], setting
     the problems found."""
     # Text-to-image items refer to no file: skipping them keeps a catalog of them cheap.
     with_files = [(index, spec) for index, spec in enumerate(specs) if not isinstance(spec, GenerateSpec)]
-    wanted = {fid for _, spec in with_files for fid in input_files(spec).values()}
+    wanted = {fid for _, spec in with_files for fid in input_files(spec).values() if not fetch.is_url(fid)}
     files = files_by_id(session, tenant, wanted) if wanted else {}
     errors: list[FieldError] = []
     for index, spec in with_files:
         name = spec.custom_id or f"#{index}"
         refs = input_files(spec)
-        missing = [field for field, fid in refs.items() if fid not in files]
+        # URL inputs are checked here, and their sizes after the fetch stage has them (core.fetch).
+        errors.extend(fetch.url_errors(spec, settings, name))
+        missing = [field for field, fid in refs.items() if fid not in files and not fetch.is_url(fid)]
         errors.extend(FieldError(f, f"file {refs[f]} does not exist (upload it with POST /v1/files)", name)
                       for f in missing)
-        if missing or not isinstance(spec, InpaintSpec | UpscaleSpec):
+        if missing or fetch.has_urls(spec) or not isinstance(spec, InpaintSpec | UpscaleSpec):
             continue
         image = files[spec.image]
         assert spec.model is not None
@@ -103,6 +108,7 @@ def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], setting
             errors.append(FieldError("image", f"{image.width}x{image.height} exceeds {limit} px per side "
                                               f"for model {spec.model!r}", name))
         if isinstance(spec, InpaintSpec):
+            errors.extend(check_mask(spec, files[spec.mask], name))
             for field in ("mask", "edges"):
                 other = files.get(refs.get(field, ""))
                 if other is not None and (other.width, other.height) != (image.width, image.height):
@@ -116,7 +122,7 @@ class Intake:
     session's transaction and commits only after `close` returned."""
 
     def __init__(self, session: Session, settings: Settings, tenant: str, *, as_batch: bool,
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None, terms: BatchTerms | None = None) -> None:
         self.session, self.settings, self.tenant, self.as_batch = session, settings, tenant, as_batch
         self.lane = "bulk" if as_batch else "interactive"
         self.now = utcnow()
@@ -133,8 +139,9 @@ class Intake:
         self._writing: Future[None] | None = None
         self.accepted = Accepted(None, "")
         if as_batch:
+            terms = terms or BatchTerms.parse(settings)
             self.accepted.batch = Batch(id=new_id("bat"), tenant_id=tenant, metadata_=metadata or {}, total=0,
-                                        created_at=self.now)
+                                        created_at=self.now, **terms.columns(self.now))
             session.add(self.accepted.batch)
             session.flush()
 
@@ -175,6 +182,8 @@ class Intake:
         rows = [self._row(spec, files) for spec in specs]
         self._write(rows)
         for row in rows:
+            if row["group_key"] == fetch.WAITING:
+                continue  # dispatched once its inputs are downloaded (core.fetch)
             planned = dispatch.Planned(row["id"], row["group_key"], row["cost"], row["lane"])
             if not self.as_batch:
                 self.accepted.planned.append(planned)
@@ -185,7 +194,8 @@ class Intake:
 
     def _row(self, spec: AnySpec, files: dict[str, Any]) -> dict[str, Any]:
         image = files.get(spec.image) if isinstance(spec, InpaintSpec | UpscaleSpec) else None
-        key, cost = dispatch.plan(spec, self.settings, (image.width, image.height) if image else None)
+        key, cost = (fetch.WAITING, 0) if fetch.has_urls(spec) else \
+            dispatch.plan(spec, self.settings, (image.width, image.height) if image else None)
         batch = self.accepted.batch
         return {
             "id": new_id("job"), "tenant_id": self.tenant, "batch_id": batch.id if batch else None,
@@ -233,8 +243,7 @@ class Intake:
             self._ready(jobs)
         batch = self.accepted.batch
         if batch is not None:
-            self.session.execute(update(Batch).where(Batch.id == batch.id)
-                                 .values(total=self.count, queued_count=self.count),
+            self.session.execute(update(Batch).where(Batch.id == batch.id).values(total=self.count),
                                  execution_options={"synchronize_session": False})
-            batch.total = batch.queued_count = self.count
+            batch.total = self.count
         return self.accepted

@@ -7,16 +7,18 @@ it does.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
-from core import progress
+from core import events, progress
 from core.db import session_scope
 from core.errors import NotFound
-from core.status import BatchStatus, JobStatus, batch_status, sources_of
-from core.tables import Batch, Job, utcnow
+from core.status import BatchStatus, ErrorCode, JobStatus, batch_status, failure, sources_of
+from core.tables import Batch, Job, ReconcilerRun, utcnow
 
 
 def get_job(session: Session, tenant: str, job_id: str) -> Job:
@@ -41,25 +43,25 @@ def counts(session: Session, batch_id: str) -> dict[str, int]:
 
 def summary(session: Session, batch: Batch) -> tuple[BatchStatus, dict[str, int]]:
     """Status and counts from the batch row's counters: O(1) whatever the batch's size."""
-    per_status = progress.as_dict(batch)
+    per_status = progress.read(session, batch.id)
     return batch_status(per_status, batch.canceled), per_status
 
 
 def _cancel(session: Session, *criteria: Any) -> int:
-    canceled = 0
-    for source in sources_of(JobStatus.CANCELED):  # one UPDATE per source: the counters need it
-        rows = session.execute(
-            update(Job).where(*criteria, Job.status == source)
-            .values(status=JobStatus.CANCELED, finished_at=utcnow(), lease_until=None)
-            .returning(Job.batch_id), execution_options={"synchronize_session": False}
-        ).scalars().all()
-        progress.move_many(session, [(batch_id, source, JobStatus.CANCELED) for batch_id in rows])
-        canceled += len(rows)
-    return canceled
+    now = utcnow()
+    result = session.execute(
+        update(Job).where(*criteria, Job.status.in_(sources_of(JobStatus.CANCELED)))
+        .values(status=JobStatus.CANCELED, finished_at=now, lease_until=None, **failure(ErrorCode.CANCELED))
+    )
+    assert isinstance(result, CursorResult)
+    events.jobs_ended(session, *criteria, Job.finished_at == now)
+    return result.rowcount
 
 
 def cancel_job(session: Session, tenant: str, job_id: str) -> Job:
-    """Cancel a job that has not finished; a finished job is returned as it is."""
+    """Cancel a job that has not finished; a finished job is returned as it is. A running job's
+    worker sees the cancel within about a second and stops at the next step or tile; nothing it
+    made is kept."""
     job = get_job(session, tenant, job_id)
     _cancel(session, Job.id == job.id)
     if job.batch_id:
@@ -72,7 +74,7 @@ def cancel_batch(session: Session, tenant: str, batch_id: str) -> int:
     batch = get_batch(session, tenant, batch_id)
     canceled = _cancel(session, Job.batch_id == batch.id)
     if canceled:  # a batch that had already finished keeps its status
-        batch.canceled = True
+        batch.canceled, batch.canceled_at = True, utcnow()
     complete_batches(session, [batch.id])
     return canceled
 
@@ -110,4 +112,15 @@ def unfinished_batches(session: Session) -> list[str]:
 
 def complete_batches(session: Session, batch_ids: Iterable[str]) -> list[str]:
     """Stamp `finished_at` on each batch whose last job just became terminal; returns those stamped."""
-    return progress.stamp_finished(session, batch_ids)
+    stamped = progress.stamp_finished(session, batch_ids)
+    events.batches_ended(session, stamped)
+    return stamped
+
+
+RECONCILER = "reconciler"  # the one row of reconciler_runs
+
+
+def reconciler_ran_at(session: Session) -> datetime | None:
+    """When the reconciler last ran through, if it ever did."""
+    row = session.get(ReconcilerRun, RECONCILER)
+    return row.ran_at if row else None

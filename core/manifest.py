@@ -12,12 +12,14 @@ import json
 from typing import Any
 
 from core.errors import FieldError
+from core.limits import loads
 
 
 class ManifestReader:
     """Feed bytes as they come; `take` the parsed items and the errors of bad lines so far."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_depth: int) -> None:
+        self.max_depth = max_depth
         self._tail = b""
         self._line = 0
         self._items: list[Any] = []
@@ -45,8 +47,9 @@ class ManifestReader:
         self._items, self._errors = [], []
         return items, errors
 
-    def digest(self, metadata: dict[str, Any]) -> str:
-        meta = json.dumps(metadata, sort_keys=True).encode()
+    def digest(self, options: dict[str, Any]) -> str:
+        """The body's digest, and the request's other options' (metadata, webhook, windows)."""
+        meta = json.dumps(options, sort_keys=True, default=str).encode()
         return hashlib.sha256(self._hash.digest() + meta).hexdigest()
 
     def _parse(self, raw: bytes) -> None:
@@ -61,10 +64,9 @@ class ManifestReader:
         if not stripped or stripped.startswith("#"):
             return
         try:
-            item = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            message = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
-            self._errors.append(FieldError("item", f"not valid JSON: {message}", where))
+            item = loads(line, self.max_depth)
+        except json.JSONDecodeError as exc:
+            self._errors.append(FieldError("item", f"not valid JSON: {exc.msg}", where))
             return
         if not isinstance(item, dict):
             self._errors.append(FieldError("item", "must be a JSON object", where))

@@ -1,61 +1,112 @@
-"""Batch progress counters: jobs per status, kept on the batch row.
+"""Batch progress counters: jobs per status, kept on the batch row by the database itself.
 
-Every job status change reports its transitions here, in the transaction that makes the change, so
-the counters always equal the job rows: reading a batch is one row (no COUNT over 100,000 jobs) and
-finishing a micro-batch costs one UPDATE per batch it touches, whatever the batch's size.
+Triggers on `jobs` move a batch's `<status>_count` columns in the statement (so the transaction)
+that inserts, deletes or changes the status of its jobs. Every path is covered, whoever writes it:
+the worker's claim and finish, hand-backs and refunds, the reconciler's recoveries, cancels,
+operator retries, URL-fetch failures, expiry, retention, and SQL typed by hand. No caller has to
+remember anything, so reading a batch is one row (no COUNT over 100,000 jobs) and finishing a
+micro-batch never counts the whole batch.
 
-Callers pass only what they know they changed (the rows their fenced UPDATE matched); the arithmetic
-lives here alone.
+PostgreSQL runs one statement-level trigger per statement (transition tables: one UPDATE per batch
+touched, in batch id order, so two transactions lock batch rows in the same order); SQLite runs a
+row-level one. A migration that rebuilds `jobs` on SQLite (batch mode "recreate") drops its
+triggers: call `install(connection)` again after it; tests check they exist at head.
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterable, Mapping
 
-from sqlalchemy import update
+from sqlalchemy import Connection, func, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from core.status import JobStatus
-from core.tables import Batch, utcnow
+from core.tables import Batch, Job, utcnow
 
-COUNTERS: Mapping[str, InstrumentedAttribute[int]] = {
-    JobStatus.QUEUED: Batch.queued_count,
-    JobStatus.RUNNING: Batch.running_count,
-    JobStatus.SUCCEEDED: Batch.succeeded_count,
-    JobStatus.FAILED: Batch.failed_count,
-    JobStatus.CANCELED: Batch.canceled_count,
-}
+COUNTERS: Mapping[JobStatus, InstrumentedAttribute[int]] = {
+    status: getattr(Batch, f"{status.value}_count") for status in JobStatus}
 
-# (batch id, from status, to status)
-Transition = tuple[str | None, str, str]
+TRIGGERS = ("step1x_progress_insert", "step1x_progress_update", "step1x_progress_delete")
 
 
-def move(session: Session, batch_id: str | None, source: str, target: str, n: int) -> None:
-    """`n` jobs of `batch_id` went from `source` to `target`."""
-    move_many(session, [(batch_id, source, target)] * n)
+def _deltas(alias: str, sign: str) -> str:
+    return ", ".join(f"{status.value}_count = {status.value}_count {sign} ({alias}.status = '{status.value}')"
+                     for status in JobStatus)
 
 
-def move_many(session: Session, transitions: Iterable[Transition]) -> None:
-    """Apply transitions, one UPDATE per batch. Jobs outside a batch (single jobs) count nowhere.
-    Batches are updated in id order, so two transactions lock them in the same order."""
-    deltas: dict[str, Counter[str]] = {}
-    for batch_id, source, target in transitions:
-        if batch_id is None or source == target:
-            continue
-        delta = deltas.setdefault(batch_id, Counter())
-        delta[source] -= 1
-        delta[target] += 1
-    for batch_id in sorted(deltas):
-        values = {COUNTERS[status].key: COUNTERS[status] + n for status, n in deltas[batch_id].items() if n}
-        if values:
-            session.execute(update(Batch).where(Batch.id == batch_id).values(**values),
-                            execution_options={"synchronize_session": False})
+def _sqlite() -> list[str]:
+    return [
+        f"CREATE TRIGGER IF NOT EXISTS {TRIGGERS[0]} AFTER INSERT ON jobs WHEN NEW.batch_id IS NOT NULL "
+        f"BEGIN UPDATE batches SET {_deltas('NEW', '+')} WHERE id = NEW.batch_id; END",
+        f"CREATE TRIGGER IF NOT EXISTS {TRIGGERS[1]} AFTER UPDATE OF status, batch_id ON jobs "
+        "WHEN OLD.status IS NOT NEW.status OR OLD.batch_id IS NOT NEW.batch_id "
+        f"BEGIN UPDATE batches SET {_deltas('OLD', '-')} WHERE id = OLD.batch_id; "
+        f"UPDATE batches SET {_deltas('NEW', '+')} WHERE id = NEW.batch_id; END",
+        f"CREATE TRIGGER IF NOT EXISTS {TRIGGERS[2]} AFTER DELETE ON jobs WHEN OLD.batch_id IS NOT NULL "
+        f"BEGIN UPDATE batches SET {_deltas('OLD', '-')} WHERE id = OLD.batch_id; END",
+    ]
 
 
-def as_dict(batch: Batch) -> dict[str, int]:
-    return {status.value: getattr(batch, COUNTERS[status].key) for status in JobStatus}
+def _postgresql() -> list[str]:
+    sums = ", ".join(f"sum(sign * (status = '{s.value}')::int) AS {s.value}" for s in JobStatus)
+    moved = " OR ".join(f"d.{s.value} <> 0" for s in JobStatus)
+    sets = ", ".join(f"{s.value}_count = {s.value}_count + d.{s.value}" for s in JobStatus)
+    statements = []
+    for trigger, event, tables in ((TRIGGERS[0], "INSERT", ("new_rows",)),
+                                   (TRIGGERS[1], "UPDATE", ("new_rows", "old_rows")),
+                                   (TRIGGERS[2], "DELETE", ("old_rows",))):
+        rows = " UNION ALL ".join(f"SELECT batch_id, status, {1 if t == 'new_rows' else -1} AS sign FROM {t} "
+                                  "WHERE batch_id IS NOT NULL" for t in tables)
+        referencing = " ".join(f"{'NEW' if t == 'new_rows' else 'OLD'} TABLE AS {t}" for t in tables)
+        statements += [
+            f"CREATE OR REPLACE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"DECLARE d record; BEGIN "
+            f"FOR d IN SELECT batch_id, {sums} FROM ({rows}) AS moved GROUP BY batch_id ORDER BY batch_id LOOP "
+            f"IF {moved} THEN UPDATE batches SET {sets} WHERE id = d.batch_id; END IF; "
+            f"END LOOP; RETURN NULL; END $$",
+            f"DROP TRIGGER IF EXISTS {trigger} ON jobs",
+            f"CREATE TRIGGER {trigger} AFTER {event} ON jobs REFERENCING {referencing} "
+            f"FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()",
+        ]
+    return statements
+
+
+def install(connection: Connection) -> None:
+    """Create (or replace) the counting triggers on `jobs`."""
+    for statement in _postgresql() if connection.dialect.name == "postgresql" else _sqlite():
+        connection.execute(text(statement))
+
+
+def uninstall(connection: Connection) -> None:
+    for trigger in TRIGGERS:
+        if connection.dialect.name == "postgresql":
+            connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger} ON jobs"))
+            connection.execute(text(f"DROP FUNCTION IF EXISTS {trigger}()"))
+        else:
+            connection.execute(text(f"DROP TRIGGER IF EXISTS {trigger}"))
+
+
+def installed(connection: Connection) -> set[str]:
+    """The counting triggers present on `jobs`."""
+    if connection.dialect.name == "postgresql":
+        query = "SELECT tgname FROM pg_trigger WHERE tgrelid = 'jobs'::regclass AND NOT tgisinternal"
+    else:
+        query = "SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'jobs'"
+    return {name for (name,) in connection.execute(text(query))} & set(TRIGGERS)
+
+
+def read(session: Session, batch_id: str) -> dict[str, int]:
+    """A batch's jobs per status, read fresh from its row (a loaded Batch may predate a change)."""
+    row = session.execute(select(*COUNTERS.values()).where(Batch.id == batch_id)).one()
+    return {status.value: int(n) for status, n in zip(COUNTERS, row, strict=True)}
+
+
+def recount(session: Session, batch_id: str) -> dict[str, int]:
+    """The same figures counted from the job rows: what `read` must always equal."""
+    rows = session.execute(select(Job.status, func.count()).where(Job.batch_id == batch_id).group_by(Job.status))
+    found = {status: n for status, n in rows}
+    return {status.value: int(found.get(status.value, 0)) for status in JobStatus}
 
 
 def stamp_finished(session: Session, batch_ids: Iterable[str]) -> list[str]:

@@ -7,10 +7,12 @@ the environment and calling `get_settings.cache_clear()`.
 
 from __future__ import annotations
 
-from functools import lru_cache
+import os
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Literal
 
+import platformdirs
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -47,6 +49,12 @@ class ModelProfile(BaseModel):
     # Marks the offline defaults, whose random weights draw noise: logged loudly when loaded.
     tiny: bool = False
 
+    @property
+    def seeded(self) -> bool:
+        """Whether its output depends on the seed: diffusion does; upscalers and the classical filler
+        are deterministic."""
+        return self.engine in ("diffusers", "controlnet")
+
 
 def _default_profiles(models_dir: Path) -> dict[str, ModelProfile]:
     tiny = models_dir / "tiny"
@@ -76,14 +84,40 @@ def _default_profiles(models_dir: Path) -> dict[str, ModelProfile]:
     }
 
 
+# Which profile serves a job that names none, per task ("inpaint.<mode>" for inpainting).
+DEFAULT_MODELS = {
+    "generate": "tiny-sd",
+    "inpaint.fill": "classical-fill",
+    "inpaint.text": "tiny-sd-inpaint",
+    "inpaint.structure": "tiny-sd-controlnet",
+    "upscale": "realesrgan-x4",
+}
+# Where the workers have no GPU: Real-ESRGAN measured ~20x the CPU time of waifu2x per output
+# megapixel (`step1x measure-upscalers`, README), and waifu2x scores the higher PSNR.
+CPU_DEFAULT_MODELS = {"upscale": "waifu2x-x4"}
+
+
+@cache
+def gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA GPU to its processes (driver device nodes; no torch)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    return any(Path("/dev").glob("nvidia[0-9]*"))
+
+
+def default_data_dir() -> Path:
+    """A stable per-user folder (~/.local/share/step1x on Linux), whatever the working directory."""
+    return Path(platformdirs.user_data_dir("step1x", appauthor=False))
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="STEP1X_", env_nested_delimiter="__", env_file=".env", extra="ignore"
     )
 
     environment: Literal["development", "production"] = "development"
-    # Root of local state for the embedded stack: SQLite file, logs, model weights, S3 data.
-    data_dir: Path = Path(".step1x")
+    # Root of local state for the embedded stack: SQLite file, logs, model weights, S3 data, dev key.
+    data_dir: Path = Field(default_factory=default_data_dir)
 
     database_url: str = ""  # default: SQLite in data_dir
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -98,6 +132,12 @@ class Settings(BaseSettings):
     presign_seconds: int = 3600
     # Parallel uploads per worker; the S3 connection pool is sized to match.
     upload_concurrency: int = 8
+    # boto3's own tries per S3 call before the micro-batch counts as interrupted and is retried whole.
+    s3_max_attempts: int = 5
+    # Defaults of a batch's `completion_window` (jobs not finished by then end expired) and
+    # `output_ttl` (outputs are deleted this long after the batch finishes), in seconds.
+    completion_window: int = Field(24 * 3600, ge=60, le=30 * 24 * 3600)
+    output_ttl: int = Field(7 * 24 * 3600, ge=3600, le=30 * 24 * 3600)
 
     # Redis re-delivers a task unacknowledged for this long: keep it far above the longest micro-batch.
     visibility_timeout: int = 3600
@@ -106,7 +146,22 @@ class Settings(BaseSettings):
     max_attempts: int = 3
     # A queued job with no progress after this long is dispatched again (its message may be lost).
     redispatch_after: int = 600
-    reconcile_interval: float = 30.0
+    # A job stored this long ago and never stamped as sent lost its dispatch (the API died at commit).
+    never_sent_after: float = 60.0
+    # The control process runs the reconciler this often; /readyz reports it stale past 3 intervals.
+    reconcile_interval: float = 10.0
+    # Infrastructure trouble (S3, database, broker) never uses up a job's attempts: its micro-batch
+    # is retried with backoff (doubling from the base up to the cap) for up to the outage budget,
+    # then its jobs fail with error_code "outage".
+    outage_budget: float = 1800.0
+    outage_retry_base: float = 2.0
+    outage_retry_max: float = 60.0
+    # Each worker records itself in the workers table this often; one silent for worker_dead_after
+    # is dead and the reconciler takes its running jobs back.
+    heartbeat_interval: float = 5.0
+    worker_dead_after: float = 30.0
+    # How often a running micro-batch records progress and looks for a cancel (seconds).
+    progress_interval: float = 1.0
 
     # A single interactive job waits at most this long for others to share its micro-batch (0: never).
     coalesce_ms: int = 20
@@ -118,36 +173,74 @@ class Settings(BaseSettings):
     # whole with 429 and Retry-After (0: no cap). Clients wait and retry.
     max_queued_per_tenant: int = 1_000_000
     backpressure_retry_after: int = 30
+    # Any other request body (JSON). A 100,000-item catalog in JSON is ~30 MB.
+    max_request_bytes: int = 64 * 1024 * 1024
+    # Free-form metadata (a batch's, `?metadata=` of a manifest), serialized as JSON.
+    max_metadata_bytes: int = 16 * 1024
+    # Nesting of any JSON a client sends: deeper documents are refused before they reach a
+    # recursive parser or serializer.
+    max_json_depth: int = 32
+    # Failed API-key checks per client address and window before answering 429 (counted in Redis,
+    # so every API process sees the same count). A valid key is never held back.
+    auth_failure_limit: int = 20
+    auth_failure_window: int = 60
+    # Retry-After (seconds) sent with a 503 while the database, Redis or S3 is down.
+    unavailable_retry_after: int = 5
+    # Refuse at submit a job whose model's weights are not on disk. Turn off when the API runs on
+    # a host without the workers' model directory.
+    check_weights_at_submit: bool = True
+
+    # Outbound HTTP (webhooks, URL inputs). Comma-separated CIDRs allowed despite the non-public
+    # address rules (and over plain http in production); nothing is allowed by default.
+    outbound_allow: str = ""
+    # Base URL clients reach the API at, for links in webhook payloads (the results URL).
+    public_url: str = "http://127.0.0.1:8000"
+    webhook_timeout: float = 15.0
+    # Multiplies every retry delay of deliveries and fetches, and the 5-day disable rule: tests shrink them.
+    outbound_retry_scale: float = 1.0
+    # How often the control process looks for deliveries and fetches that are due (lost messages, retries).
+    outbound_due_interval: float = 5.0
+    # A URL input must finish downloading within this many seconds.
+    fetch_timeout: float = 30.0
+    fetch_attempts: int = 5
 
     models_dir: Path | None = None  # default: data_dir / "models"
     models: dict[str, ModelProfile] = Field(default_factory=dict)
-    # Which profile serves a job that names none, per task ("inpaint.<mode>" for inpainting).
-    default_models: dict[str, str] = Field(
-        default_factory=lambda: {
-            "generate": "tiny-sd",
-            "inpaint.fill": "classical-fill",
-            "inpaint.text": "tiny-sd-inpaint",
-            "inpaint.structure": "tiny-sd-controlnet",
-            "upscale": "realesrgan-x4",
-        }
-    )
+    # The workers' device kind, which picks the per-device defaults below; "auto" looks at this
+    # machine. Set it where the API runs apart from its GPU workers.
+    compute: Literal["auto", "cpu", "cuda"] = "auto"
+    # Profile per task for jobs that name none; entries given here override the per-device defaults.
+    default_models: dict[str, str] = Field(default_factory=dict)
     # Profiles loaded at once in one worker; the least recently used is evicted past this.
     pipeline_cache_size: int = 4
     prompt_cache_size: int = 1024
 
+    # Signs dashboard session cookies. Empty in development: a random secret per API process (sessions
+    # end when it restarts); production refuses to start without a real one.
+    session_secret: str = ""
+    # Each worker process serves its Prometheus metrics (micro-batch sizes, stage durations) on this
+    # port plus its GPU index; 0 turns it off.
+    worker_metrics_port: int = 0
+
     @model_validator(mode="after")
     def _fill_defaults(self) -> Settings:
+        self.data_dir = self.data_dir.expanduser().absolute()
         if not self.database_url:
             self.database_url = f"sqlite:///{(self.data_dir / 'step1x.db').resolve()}"
         if self.models_dir is None:
             self.models_dir = self.data_dir / "models"
         # User profiles extend and override the offline defaults.
         self.models = {**_default_profiles(self.models_dir), **self.models}
+        on_cpu = self.compute == "cpu" or (self.compute == "auto" and not gpu_visible())
+        self.default_models = {**DEFAULT_MODELS, **(CPU_DEFAULT_MODELS if on_cpu else {}), **self.default_models}
         for key, name in self.default_models.items():
             if name not in self.models:
                 raise ConfigError(f"STEP1X_DEFAULT_MODELS[{key!r}] names unknown model profile {name!r}")
         if self.environment == "production" and self.s3_secret_key in PLACEHOLDER_SECRETS:
             raise ConfigError("STEP1X_S3_SECRET_KEY is a development placeholder: set a real secret")
+        if self.environment == "production" and (self.session_secret in PLACEHOLDER_SECRETS
+                                                 or len(self.session_secret) < 32):
+            raise ConfigError("STEP1X_SESSION_SECRET must be a random string of 32+ characters in production")
         return self
 
     @property

@@ -7,32 +7,77 @@ exist, do the sizes agree) live in `core.submit`.
 
 from __future__ import annotations
 
+import re
 import secrets
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from core.errors import FieldError, InvalidInput
-from core.settings import Settings
+from core.settings import ModelProfile, Settings
+from core.tables import File
 
-FileId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="id returned by POST /v1/files")]
+FileId = Annotated[str, Field(pattern=r"^([0-9a-f]{64}|https?://\S+)$", max_length=2000,
+                              description="id returned by POST /v1/files, or an http(s) URL to fetch")]
 MAX_SEED = 2**32 - 1
+# C0 and C1 control characters (NUL, tab, newline, ...): they break file names, headers and logs.
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _no_blank(value: str) -> str:
+    if value and not value.strip():
+        raise ValueError("is only whitespace: say what to draw")
+    return value
+
+
+Prompt = Annotated[str, Field(max_length=2000), AfterValidator(_no_blank)]
+FILE_FIELDS = ("image", "mask", "edges")
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `steps: true` or `"30"` is a mistake to report, not a value to coerce (an int is
+    # still accepted where a float is expected).
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    custom_id: str | None = Field(None, min_length=1, max_length=200)
+    custom_id: str | None = Field(None, min_length=1, max_length=200,
+                                  description="your id for the item: any text without control characters")
     model: str | None = Field(None, description="model profile; the default for the task when omitted")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="random and recorded when omitted")
     cache: bool = Field(True, description="reuse the stored output of an identical earlier job (same spec, "
                                           "inputs, seed and model weights)")
+    output_format: Literal["png", "jpeg", "webp"] = Field("png", description="how outputs are encoded")
+    quality: int | None = Field(None, ge=1, le=100, description="jpeg and webp quality (90 when omitted)")
+    background: str = Field("#ffffff", pattern=r"^#[0-9a-fA-F]{6}$",
+                            description="colour that transparent input pixels are flattened onto")
+
+    @model_validator(mode="after")
+    def _lossy_quality(self) -> _Spec:
+        if self.quality is not None and self.output_format == "png":
+            raise ValueError("quality: png is lossless; quality applies to jpeg and webp")
+        return self
+
+    @field_validator("custom_id")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        if value is not None and CONTROL.search(value):
+            raise ValueError("control characters (NUL, tab, newline, ...) are not allowed")
+        return value
 
 
 class GenerateSpec(_Spec):
     kind: Literal["generate"]
-    prompt: str = Field(min_length=1, max_length=2000)
+    prompt: Prompt = Field(min_length=1)
     negative_prompt: str = Field("", max_length=2000)
     steps: int = Field(30, ge=1, le=150)
     guidance_scale: float = Field(7.5, ge=0, le=30)
@@ -47,8 +92,9 @@ class InpaintSpec(_Spec):
         description="fill: match the surroundings; structure: follow an edge map; text: draw the prompt"
     )
     image: FileId
-    mask: FileId = Field(description="white (non-zero) pixels are redrawn; same size as image")
-    prompt: str | None = Field(None, max_length=2000)
+    mask: FileId = Field(description="non-zero pixels are redrawn (the grey level over black: transparent "
+                                     "pixels count as black); same size as image")
+    prompt: Prompt | None = None
     negative_prompt: str = Field("", max_length=2000)
     edges: FileId | None = Field(None, description="structure mode: your own edge map instead of Canny")
     canny_low: int = Field(100, ge=0, le=255)
@@ -86,8 +132,7 @@ def task_key(spec: AnySpec) -> str:
 
 def input_files(spec: AnySpec) -> dict[str, str]:
     """The file ids a spec refers to, by field name."""
-    names = ("image", "mask", "edges")
-    return {n: getattr(spec, n) for n in names if getattr(spec, n, None) is not None}
+    return {n: getattr(spec, n) for n in FILE_FIELDS if getattr(spec, n, None) is not None}
 
 
 def _field_of(loc: Sequence[str | int], message: str) -> tuple[str, str]:
@@ -112,6 +157,9 @@ def parse_item(raw: Any, item: str | None = None) -> AnySpec:
                 errors.append(FieldError("kind", "must be one of: generate, inpaint, upscale", item))
                 continue
             field, message = _field_of(err["loc"], err["msg"])
+            if field in FILE_FIELDS and err["type"] == "string_pattern_mismatch":
+                message = (f"{err['input']!r} is not a file id: upload the file with POST /v1/files and pass "
+                           "its id, or submit with `step1x submit`, which uploads local paths")
             errors.append(FieldError(field, message, item))
         raise InvalidInput(errors) from None
 
@@ -131,6 +179,12 @@ def parse_items(raw_items: Iterable[Any], settings: Settings, require_custom_id:
     index = -1
     for index, raw in enumerate(raw_items):
         name = _item_name(raw, index)
+        # Checked on the raw item, so a duplicate is reported beside the item's other errors.
+        custom_id = raw.get("custom_id") if isinstance(raw, dict) else None
+        if isinstance(custom_id, str) and custom_id:
+            if custom_id in seen:
+                errors.append(FieldError("custom_id", "appears more than once in this batch", name))
+            seen.add(custom_id)
         try:
             spec = parse_item(raw, name)
         except InvalidInput as exc:
@@ -138,10 +192,6 @@ def parse_items(raw_items: Iterable[Any], settings: Settings, require_custom_id:
             continue
         if require_custom_id and spec.custom_id is None:
             errors.append(FieldError("custom_id", "every batch item needs a custom_id", name))
-        elif spec.custom_id is not None and spec.custom_id in seen:
-            errors.append(FieldError("custom_id", "appears more than once in this batch", name))
-        if spec.custom_id is not None:
-            seen.add(spec.custom_id)
         model_errors = check_model(spec, settings, name)
         errors.extend(model_errors)
         if spec.seed is None:
@@ -166,6 +216,13 @@ def check_model(spec: AnySpec, settings: Settings, name: str | None) -> list[Fie
         return [FieldError("model", f"model {spec.model!r} does {profile.task}, not {spec.kind}", name)]
     if isinstance(spec, InpaintSpec) and spec.mode == "structure" and profile.engine != "controlnet":
         return [FieldError("model", f"structure mode needs a controlnet model, {spec.model!r} is not", name)]
+    if isinstance(spec, InpaintSpec) and spec.mode != "structure" and profile.engine == "controlnet":
+        return [FieldError("model", f"model {spec.model!r} only does structure mode", name)]
+    if isinstance(spec, InpaintSpec) and spec.mode != "fill" and profile.engine == "classical":
+        return [FieldError("model", f"model {spec.model!r} only does fill mode (object removal)", name)]
+    if not installed(profile, settings):
+        return [FieldError("model", f"model {spec.model!r} is not installed on this server (its weights are "
+                                    "missing): pick another model, or ask the operator to install it", name)]
     if isinstance(spec, GenerateSpec):
         if max(spec.width, spec.height) > profile.max_size:
             return [FieldError("width", f"{spec.width}x{spec.height} exceeds {profile.max_size} px "
@@ -177,6 +234,28 @@ def check_model(spec: AnySpec, settings: Settings, name: str | None) -> list[Fie
                                              f"model {spec.model!r}'s budget of {profile.pixel_budget} px",
                                name)]
     return []
+
+
+def check_mask(spec: InpaintSpec, mask: File, name: str | None) -> list[FieldError]:
+    """What the worker would refuse about a mask, from the coverage measured at upload (`mask` is
+    its files row; rows from before coverage was measured are not checked)."""
+    share = mask.mask_coverage
+    if share is None:
+        return []
+    if share == 0:
+        return [FieldError("mask", "mask is empty (all black or transparent): nothing to redraw", name)]
+    if share == 1 and spec.mode == "fill":
+        return [FieldError("mask", "mask covers the whole image: fill draws from the unmasked pixels, so "
+                                   "leave some, or use text mode to draw everything anew", name)]
+    return []
+
+
+def installed(profile: ModelProfile, settings: Settings) -> bool:
+    """The profile's weights are on disk (checked by path only: the API loads no model). The tiny
+    offline profiles build themselves in the worker on first use."""
+    if not settings.check_weights_at_submit or profile.tiny:
+        return True
+    return all(Path(path).exists() for path in (profile.weights, profile.controlnet) if path)
 
 
 def generation_bucket(width: int, height: int, native_size: int) -> tuple[int, int]:

@@ -17,6 +17,7 @@ class JobStatus(StrEnum):
     SUCCEEDED = "succeeded"  # outputs are in storage; terminal
     FAILED = "failed"  # the engine rejected or broke on it, or it ran out of attempts; terminal
     CANCELED = "canceled"  # the user asked to stop it before it finished; terminal
+    EXPIRED = "expired"  # its batch's completion window closed before a worker took it; terminal
 
 
 class BatchStatus(StrEnum):
@@ -27,12 +28,34 @@ class BatchStatus(StrEnum):
     COMPLETED = "completed"  # every job is terminal and at least one succeeded (or none failed)
     FAILED = "failed"  # every job is terminal, at least one failed and none succeeded
     CANCELED = "canceled"  # every job is terminal and the batch was canceled
+    EXPIRED = "expired"  # every job is terminal and some expired: the results are partial
 
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+class ErrorCode(StrEnum):
+    """Why a job failed or stopped, for machines; the job's `error` says it for people."""
+
+    INVALID_INPUT = "invalid_input"  # the item cannot run as given: fix it
+    MODEL_UNAVAILABLE = "model_unavailable"  # its model's weights are missing or the profile is wrong
+    ENGINE_ERROR = "engine_error"  # the model broke on this item
+    OUTAGE = "outage"  # S3, the database or the broker stayed down longer than STEP1X_OUTAGE_BUDGET
+    WORKER_LOST = "worker_lost"  # every attempt's worker died under it
+    CANCELED = "canceled"  # the user canceled it
+    EXPIRED = "expired"  # its batch's completion_window closed before it ran
+
+
+# Failures that the same job, sent again once the cause is gone, may survive.
+RETRYABLE = frozenset({ErrorCode.MODEL_UNAVAILABLE, ErrorCode.OUTAGE, ErrorCode.WORKER_LOST})
+
+
+def failure(code: ErrorCode) -> dict[str, object]:
+    """The columns recording a failure's code, for an UPDATE's values."""
+    return {"error_code": code.value, "retryable": code in RETRYABLE}
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.EXPIRED})
 
 _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED}),
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELED, JobStatus.FAILED, JobStatus.EXPIRED}),
     # back to QUEUED when a lease expires or a retryable error happened, while attempts remain
     JobStatus.RUNNING: frozenset(
         {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.QUEUED}
@@ -40,6 +63,7 @@ _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.FAILED: frozenset(),
     JobStatus.CANCELED: frozenset(),
+    JobStatus.EXPIRED: frozenset(),
 }
 
 
@@ -60,6 +84,13 @@ def batch_status(counts: Mapping[str, int], canceled: bool = False) -> BatchStat
         return BatchStatus.QUEUED if untouched else BatchStatus.RUNNING
     if canceled:
         return BatchStatus.CANCELED
+    if counts.get(JobStatus.EXPIRED, 0):
+        return BatchStatus.EXPIRED
     if total and counts.get(JobStatus.SUCCEEDED, 0) == 0 and counts.get(JobStatus.FAILED, 0) > 0:
         return BatchStatus.FAILED
     return BatchStatus.COMPLETED
+
+
+# An operator's retry starts these over (queued, attempts from zero, same ids and output keys).
+# No worker path takes it: the table above keeps them terminal for everything else.
+OPERATOR_RETRYABLE = frozenset({JobStatus.FAILED})

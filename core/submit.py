@@ -24,7 +24,8 @@ from sqlalchemy import ColumnElement, and_, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import dispatch
+from core import dispatch, fetch
+from core.catalog import BatchTerms
 from core.db import session_scope
 from core.errors import Conflict, FieldError
 from core.intake import Accepted, Intake
@@ -38,12 +39,13 @@ CHUNK = 5000
 
 Dispatcher = Callable[[Sequence[dispatch.Planned]], object]
 Defer = Callable[[Callable[[], None]], object]
+OnAccept = Callable[[Session, str], None]
 
 
 def accept(session: Session, settings: Settings, tenant: str, raw_items: Sequence[Any], *,
-           as_batch: bool, metadata: dict[str, Any] | None = None) -> Accepted:
+           as_batch: bool, metadata: dict[str, Any] | None = None, terms: BatchTerms | None = None) -> Accepted:
     """Validate and store items already in memory; the caller commits, then sends."""
-    intake = Intake(session, settings, tenant, as_batch=as_batch, metadata=metadata)
+    intake = Intake(session, settings, tenant, as_batch=as_batch, metadata=metadata, terms=terms)
     for start in range(0, len(raw_items), CHUNK):
         intake.add(raw_items[start:start + CHUNK])
     return intake.close()
@@ -70,6 +72,27 @@ def send(session: Session, settings: Settings, planned: Sequence[dispatch.Planne
         session.execute(update(Job).where(Job.id.in_(ids[start:start + 5000]), Job.status == "queued")
                         .values(dispatched_at=utcnow()), execution_options={"synchronize_session": False})
     return sent
+
+
+def dispatch_undispatched(settings: Settings, tenant: str, resource: str) -> int:
+    """A replay of a request whose first try was stored but not (fully) sent, say because the API
+    died at the commit: send what was never sent, now, instead of waiting for the reconciler.
+    A job sent twice costs nothing (the second claim skips it)."""
+    owned = or_(Job.batch_id == resource, Job.id == resource)
+    try:
+        with session_scope(settings.database_url) as session:
+            rows = session.execute(select(Job.id, Job.group_key, Job.cost, Job.lane).where(
+                owned, Job.tenant_id == tenant, Job.status == "queued", Job.group_key != fetch.WAITING,
+                unsent(utcnow()))).all()
+            if rows:
+                send(session, settings, [dispatch.Planned(*row) for row in rows])
+                if session.get(Batch, resource) is not None:
+                    session.execute(update(Batch).where(Batch.id == resource).values(dispatched_at=utcnow()))
+                log.warning("replay of %s dispatched %d jobs its first request left unsent", resource, len(rows))
+    except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
+        log.warning("dispatch of %s on replay failed, the reconciler will retry: %s", resource, exc)
+        return 0
+    return len(rows)
 
 
 def send_committed(settings: Settings, planned: Sequence[dispatch.Planned]) -> None:
@@ -99,7 +122,7 @@ def _send_and_stamp(settings: Settings, accepted: Accepted, messages: Sequence[t
                 if accepted.batch is not None:
                     session.execute(update(Batch).where(Batch.id == accepted.batch.id)
                                     .values(dispatched_at=utcnow()))
-                else:
+                elif messages:  # a job waiting for its URL inputs is sent by core.fetch, later
                     session.execute(update(Job).where(Job.id == accepted.first_id).values(dispatched_at=utcnow()))
     except Exception as exc:  # the jobs are safe in the database; the reconciler dispatches them
         log.warning("dispatch of %s failed, the reconciler will retry: %s", accepted.resource, exc)
@@ -127,8 +150,9 @@ class Submission:
     `finish` commits; `abort` (or any error) rolls it back, leaving nothing stored."""
 
     def __init__(self, settings: Settings, tenant: str, *, as_batch: bool, metadata: dict[str, Any] | None = None,
-                 idempotency_key: str | None = None) -> None:
-        self.settings, self.tenant, self.key = settings, tenant, idempotency_key
+                 idempotency_key: str | None = None, terms: BatchTerms | None = None,
+                 on_accept: OnAccept | None = None) -> None:
+        self.settings, self.tenant, self.key, self.on_accept = settings, tenant, idempotency_key, on_accept
         self._scope: AbstractContextManager[Session] = session_scope(settings.database_url)
         self.session = self._scope.__enter__()
         self._open = True
@@ -137,7 +161,8 @@ class Submission:
             # A replay of a stored request only needs its digest: nothing is validated or stored.
             self.earlier = self.session.get(IdempotencyKey, (tenant, idempotency_key)) if idempotency_key else None
             if self.earlier is None:
-                self.intake = Intake(self.session, settings, tenant, as_batch=as_batch, metadata=metadata)
+                self.intake = Intake(self.session, settings, tenant, as_batch=as_batch, metadata=metadata,
+                                     terms=terms)
         except BaseException as exc:
             self.abort(exc)
             raise
@@ -174,9 +199,12 @@ class Submission:
             assert self.earlier is not None
             if self.earlier.request_hash != digest:
                 raise Conflict(f"Idempotency-Key {self.key!r} was used with a different request body: use a new key")
+            dispatch_undispatched(self.settings, self.tenant, self.earlier.resource_id)
             return self.earlier.resource_id, False
         try:
             accepted = self.intake.close()
+            if self.on_accept is not None:
+                self.on_accept(self.session, accepted.resource)
             if self.key is not None:
                 self.session.add(IdempotencyKey(tenant_id=self.tenant, key=self.key, request_hash=digest,
                                                 resource_id=accepted.resource))
@@ -201,11 +229,14 @@ class Submission:
 
 def submit(settings: Settings, tenant: str, items: Sequence[Any], *, as_batch: bool,
            metadata: dict[str, Any] | None = None, idempotency_key: str | None = None,
-           body: Any = None, dispatcher: Dispatcher | None = None) -> tuple[str, bool]:
+           body: Any = None, terms: BatchTerms | None = None, dispatcher: Dispatcher | None = None,
+           on_accept: OnAccept | None = None) -> tuple[str, bool]:
     """Validate, store and dispatch items already in memory; returns (batch or job id, whether it was
     created now). With an Idempotency-Key, a repeat of the same request returns the first one's
-    resource. `dispatcher` replaces sending at once (the API's coalescer for single interactive jobs)."""
-    submission = Submission(settings, tenant, as_batch=as_batch, metadata=metadata, idempotency_key=idempotency_key)
+    resource. `dispatcher` replaces sending at once (the API's coalescer for single interactive jobs);
+    `on_accept(session, resource id)` stores what belongs with the request (its webhook callback)."""
+    submission = Submission(settings, tenant, as_batch=as_batch, metadata=metadata, idempotency_key=idempotency_key,
+                            terms=terms, on_accept=on_accept)
     for start in range(0, len(items), CHUNK):
         submission.add(items[start:start + CHUNK])
     return submission.finish(body_hash(body if body is not None else items), dispatcher)

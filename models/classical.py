@@ -27,9 +27,10 @@ from PIL import Image
 from skimage.restoration import inpaint_biharmonic
 
 from core.errors import FieldError
+from core.masks import as_mask, coverage
 from core.settings import ModelProfile
 from models.engine import Engine, ImageRequest, ImageResult, check_mask
-from models.resolution import crop_around_mask, paste_back
+from models.resolution import Crop, paste_back
 from models.tiling import check_upscale
 
 FillMethod = Literal["ns", "telea", "biharmonic", "blend"]
@@ -79,6 +80,18 @@ def choose_method(mask: np.ndarray) -> FillMethod:
     return "biharmonic" if thin else "blend"
 
 
+def context_box(mask: Image.Image, context: int) -> Crop:
+    """The mask's bounding box grown by `context` on every side within the image. Not squared like
+    the diffusion crop: on a thin image a square would shrink to the mask and leave nothing to
+    draw from."""
+    box = mask.getbbox()
+    if box is None:
+        raise ValueError("mask is empty")
+    left, top, right, bottom = box
+    return Crop((max(0, left - context), max(0, top - context),
+                 min(mask.width, right + context), min(mask.height, bottom + context)))
+
+
 def config_hash(config: dict[str, object]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -98,7 +111,11 @@ class ClassicalFillEngine(Engine):
         if req.mode != "fill":
             errors.append(FieldError("mode", f"model {self.name!r} only does mode 'fill' (object removal), "
                                              f"not {req.mode!r}: pick a diffusion model for it", req.label))
-        errors += check_mask(req)
+        mask_errors = check_mask(req)
+        if not mask_errors and req.mask is not None and coverage(req.mask) == 1:
+            mask_errors.append(FieldError("mask", "mask covers the whole image: fill draws from the unmasked "
+                                                  "pixels, so leave some", req.label))
+        errors += mask_errors
         if req.image is not None and max(req.image.size) > self.profile.max_size:
             width, height = req.image.size
             errors.append(FieldError("image", f"image is {width}x{height}; model {self.name!r} takes at most "
@@ -106,8 +123,8 @@ class ClassicalFillEngine(Engine):
         return errors
 
     def fill(self, image: Image.Image, mask: Image.Image, padding: int = 0) -> Image.Image:
-        binary = mask.convert("L").point(lambda v: 255 if v else 0)
-        crop = crop_around_mask(binary, max(padding, CONTEXT))
+        binary = as_mask(mask).point(lambda v: 255 if v else 0)
+        crop = context_box(binary, max(padding, CONTEXT))
         region = np.asarray(binary.crop(crop.box)) > 0
         patch = inpaint(np.asarray(image.convert("RGB").crop(crop.box)), region, choose_method(region))
         # No feather: every pixel outside the mask keeps its original value exactly.

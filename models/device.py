@@ -47,3 +47,17 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
     if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16 support: use fp16 or auto")
     return _DTYPES[precision]
+
+
+def describe_device() -> tuple[str, int | None]:
+    """What this process computes on, for the workers table: the first visible GPU's name and total
+    memory, or "cpu"."""
+    if not torch.cuda.is_available():
+        return "cpu", None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, int(props.total_memory)
+
+
+def allocated_bytes() -> int | None:
+    """GPU memory torch holds now in this process (None on a CPU)."""
+    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() else None

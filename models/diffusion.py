@@ -113,6 +113,7 @@ class _PipelineEngine(Engine):
         self.dtype = resolve_dtype(profile.precision, self.device)
         # Shared per worker when the caller passes one, so profiles' prompts share one bound.
         self.prompt_cache = prompt_cache if prompt_cache is not None else PromptEmbeddingCache()
+        self._steps = (0, 0)  # steps done before the current pass, steps in the whole run
         self.pipe: Any = self._load()
         self._place()
         if profile.tiny:
@@ -172,9 +173,14 @@ class _PipelineEngine(Engine):
         for index, req in enumerate(requests):
             groups.setdefault(self._batch_key(req), []).append(index)
         drawn: dict[int, Image.Image] = {}
+        # Progress counts denoising steps over every pass of this run.
+        total = sum(requests[indices[0]].steps for indices in groups.values())
+        done = 0
         for indices in groups.values():
+            self._steps = (done, total)
             images = self._draw([requests[i] for i in indices])
             drawn.update(zip(indices, images, strict=True))
+            done += requests[indices[0]].steps
         return self._results([drawn[i] for i in range(len(requests))], requests, started)
 
     @staticmethod
@@ -204,8 +210,15 @@ class _PipelineEngine(Engine):
         """One forward pass for requests that share steps and guidance; one generator per image."""
         guidance = self._guidance(requests[0])
         generators = [torch.Generator(self.device).manual_seed(r.seed) for r in requests]
+        before, total = self._steps
+
+        def after_step(_pipe: Any, step: int, _timestep: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            self.step(before + step + 1, total)  # raises Canceled out of the pipeline: nothing decoded
+            return tensors
+
         output = self.pipe(**self._prompts(requests, guidance), **inputs, guidance_scale=guidance,
-                           num_inference_steps=requests[0].steps, generator=generators, output_type="pil")
+                           num_inference_steps=requests[0].steps, generator=generators, output_type="pil",
+                           callback_on_step_end=after_step)
         return list(output.images)
 
     def _inpaint(self, requests: list[ImageRequest],

@@ -4,6 +4,10 @@ An engine takes a micro-batch of `ImageRequest`s and returns one `ImageResult` p
 order. `check_inputs()` raises `InvalidInput` saying what to change before any compute is spent.
 `run()` processes the whole micro-batch in as few forward passes as the model allows; each
 request carries its own seed so an output is reproducible on its own, whatever batch it ran in.
+
+Long runs are cooperative: inside `engine.watched(progress)`, the engine calls `progress(done, total)`
+after each diffusion step or upscale tile, and stops with `Canceled` when it returns False. That is
+how a cancel stops running work within a step, and how a job reports how far it got.
 """
 
 from __future__ import annotations
@@ -11,7 +15,8 @@ from __future__ import annotations
 import hashlib
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -23,6 +28,12 @@ from core.settings import ModelProfile
 
 Kind = Literal["generate", "inpaint", "upscale"]
 Mode = Literal["fill", "structure", "text"]
+# Called with (units done, units in this run): diffusion steps or upscale tiles. False means stop.
+Progress = Callable[[int, int], bool]
+
+
+class Canceled(Exception):
+    """The progress callback asked the run to stop: the run is abandoned and returns nothing."""
 
 
 @dataclass
@@ -71,6 +82,21 @@ class Engine(ABC):
         self.name = name
         self.profile = profile
         self.model_hash = "unknown"
+        self._progress: Progress | None = None
+
+    @contextmanager
+    def watched(self, progress: Progress) -> Iterator[None]:
+        """Runs inside the block report to `progress` and stop when it returns False."""
+        self._progress = progress
+        try:
+            yield
+        finally:
+            self._progress = None
+
+    def step(self, done: int, total: int) -> None:
+        """Engines call this after each unit of work (a diffusion step, an upscale tile)."""
+        if self._progress is not None and not self._progress(done, total):
+            raise Canceled(f"model {self.name!r} stopped after {done} of {total} steps: canceled")
 
     def check_inputs(self, requests: Sequence[ImageRequest]) -> None:
         """Raise InvalidInput naming every request and field that cannot run on this engine."""

@@ -57,6 +57,10 @@ class Registry:
         return self._engines.get_or_create(
             name, lambda: create_engine(name, self.settings, self.prompt_cache))
 
+    def loaded(self) -> list[str]:
+        """Profiles loaded now (warm), least recently used first."""
+        return self._engines.keys()
+
 
 @cache
 def library_versions() -> dict[str, str]:

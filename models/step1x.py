@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from core.masks import as_mask
 from core.settings import Precision, Settings, get_settings
 from core.specs import MAX_SEED
 from models.engine import Engine, ImageRequest, ImageResult, Mode
@@ -109,7 +110,7 @@ class Step1XMedium:
         else:
             task, suffix = f"inpaint.{mode}", "-controlnet" if mode == "structure" else "-inpaint"
         request = ImageRequest(
-            kind="inpaint", mode=mode, image=to_image(image, "RGB"), mask=to_image(mask, "L"),
+            kind="inpaint", mode=mode, image=to_image(image, "RGB"), mask=as_mask(to_image(mask, "RGBA")),
             edges=to_image(edges, "RGB") if edges is not None else None, prompt=prompt or "",
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else seed, label="image", **options,
         )

@@ -13,7 +13,7 @@ import math
 import time
 from abc import abstractmethod
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -56,8 +56,10 @@ def _starts(length: int, tile: int) -> list[int]:
 
 
 def upscale_tiled(net: nn.Module, images: Sequence[np.ndarray], spec: TileSpec, tile: int,
-                  batch_pixels: int, device: torch.device, dtype: torch.dtype) -> list[np.ndarray]:
-    """Run `net` over HxWx3 uint8 images tile by tile; return HxW images `spec.scale` times larger."""
+                  batch_pixels: int, device: torch.device, dtype: torch.dtype,
+                  after_pass: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """Run `net` over HxWx3 uint8 images tile by tile; return HxW images `spec.scale` times larger.
+    `after_pass(tiles done, tiles in all)` is called after each forward pass (it may raise to stop)."""
     s, c = spec.scale, spec.context
     padded, outputs = [], []
     groups: dict[tuple[int, int], list[tuple[int, int, int]]] = defaultdict(list)
@@ -71,6 +73,7 @@ def upscale_tiled(net: nn.Module, images: Sequence[np.ndarray], spec: TileSpec, 
         th, tw = _balanced(height, tile), _balanced(width, tile)
         groups[th, tw].extend((index, y, x) for y in _starts(height, th) for x in _starts(width, tw))
     margin = s * (c - spec.shrink)
+    total, done = sum(len(tiles) for tiles in groups.values()), 0
     for (th, tw), tiles in groups.items():
         per_pass = max(1, batch_pixels // ((th + 2 * c) * (tw + 2 * c) * s * s))
         for first in range(0, len(tiles), per_pass):
@@ -82,6 +85,9 @@ def upscale_tiled(net: nn.Module, images: Sequence[np.ndarray], spec: TileSpec, 
             pixels = cores.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for (i, y, x), core in zip(chunk, pixels, strict=True):
                 outputs[i][y * s:(y + th) * s, x * s:(x + tw) * s] = core
+            done += len(chunk)
+            if after_pass is not None:
+                after_pass(done, total)
     return outputs
 
 
@@ -133,7 +139,7 @@ class TiledUpscaleEngine(Engine):
 
     def upscale(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         return upscale_tiled(self.net, images, self.spec, self.tile, self.profile.pixel_budget,
-                             self.device, self.dtype)
+                             self.device, self.dtype, after_pass=self.step)
 
     def run(self, requests: Sequence[ImageRequest]) -> list[ImageResult]:
         started = time.perf_counter()

@@ -89,7 +89,11 @@ class Waifu2xEngine(TiledUpscaleEngine):
 
     def upscale(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         twice = list(images)
-        for _ in range(2):
+        for round_ in range(2):
+            # Progress over both rounds; the second has four times the tiles, close enough for a bar.
+            def after_pass(done: int, total: int, first: bool = round_ == 0) -> None:
+                self.step(done if first else total + done, 2 * total)
+
             twice = upscale_tiled(self.net, twice, self.spec, self.tile, self.profile.pixel_budget,
-                                  self.device, self.dtype)
+                                  self.device, self.dtype, after_pass=after_pass)
         return twice

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -16,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from core.errors import Step1XError
 from core.settings import Settings, get_settings
-from step1x.client import APIError, Client
+from step1x.client import APIError, Client, dev_key_path
 
 app = typer.Typer(help="Step1X Batch: batch image generation for e-commerce catalogs.", no_args_is_help=True)
 keys_app = typer.Typer(help="API keys.", no_args_is_help=True)
@@ -25,18 +27,29 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 console = Console()
 
-ApiUrl = Annotated[str, typer.Option(envvar="STEP1X_API_URL", help="API address")]
-ApiKey = Annotated[str | None, typer.Option(envvar="STEP1X_API_KEY", help="API key (default: the dev key "
-                                                                             "`step1x up` wrote)")]
+ApiUrl = Annotated[str | None, typer.Option(envvar="STEP1X_API_URL",
+                                            help="API address [default: http://127.0.0.1:8000]")]
+ApiKey = Annotated[str | None, typer.Option(envvar="STEP1X_API_KEY",
+                                            help="API key [default: the dev key `step1x up` wrote]")]
+Port = Annotated[int, typer.Option(help="the API's port on 127.0.0.1 (must be free)")]
+FINISHED = ("succeeded", "failed", "canceled", "expired")
 
 
-def _client(api_url: str, api_key: str | None) -> Client:
-    if not api_key:
-        dev_key = get_settings().data_dir / "dev-key"
-        if not dev_key.exists():
-            raise typer.BadParameter("no API key: pass --api-key, set STEP1X_API_KEY, or run `step1x up` first")
-        api_key = dev_key.read_text().strip()
-    return Client(api_url, api_key)
+def ensure_port_free(port: int) -> None:
+    """Fail at once, before anything starts, when another server holds the API's port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As uvicorn does: a port left in TIME_WAIT by a stopped stack is free to take.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            if exc.errno not in (errno.EADDRINUSE, errno.EACCES):
+                raise
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else "not allowed for this user"
+            console.print(f"[red]error:[/] port {port} on 127.0.0.1 is {reason}. Choose another port: "
+                          f"`step1x up --port 8017` / `step1x demo --port 8017`, or `make up PORT=8017` / "
+                          f"`make demo PORT=8017`.")
+            raise typer.Exit(2) from None
 
 
 def progress_bar() -> Progress:
@@ -46,20 +59,23 @@ def progress_bar() -> Progress:
 
 def wait_with_progress(client: Client, batch: dict[str, Any]) -> dict[str, Any]:
     with progress_bar() as bar:
-        task = bar.add_task("images", total=batch["total"], detail="")
+        task = bar.add_task("jobs done", total=batch["total"], detail="")
 
         def update(b: dict[str, Any]) -> None:
             c = b["counts"]
-            done = c["succeeded"] + c["failed"] + c["canceled"]
-            bar.update(task, completed=done, detail=f"{c['running']} running, {c['failed']} failed")
+            detail = f"{c['running']} running, {c['failed']} failed"
+            if c.get("expired"):
+                detail += f", {c['expired']} expired"
+            bar.update(task, completed=sum(c.get(s, 0) for s in FINISHED), detail=detail)
 
         return client.wait_batch(batch["id"], on_progress=update)
 
 
 def print_summary(client: Client, batch: dict[str, Any], seconds: float) -> None:
     counts = batch["counts"]
+    expired = f", {counts['expired']} expired" if counts.get("expired") else ""
     console.print(f"batch [bold]{batch['id']}[/]: {batch['status']} - {counts['succeeded']} succeeded, "
-                  f"{counts['failed']} failed, {counts['canceled']} canceled of {batch['total']}")
+                  f"{counts['failed']} failed, {counts['canceled']} canceled{expired} of {batch['total']}")
     if counts["failed"]:
         for line in client.results(batch["id"]):
             if line["status"] == "failed":
@@ -72,8 +88,9 @@ def _interrupt(*_: object) -> None:
 
 
 @app.command()
-def up(port: int = 8000, gpus: str = "all", data_dir: Path | None = None) -> None:
+def up(port: Port = 8000, gpus: str = "all", data_dir: Path | None = None) -> None:
     """Run the embedded stack (SQLite, Redis, SeaweedFS S3, API, workers) until Ctrl-C."""
+    ensure_port_free(port)
     from step1x.stack import EmbeddedStack, ensure_default_weights
 
     data_dir = data_dir or get_settings().data_dir
@@ -82,7 +99,8 @@ def up(port: int = 8000, gpus: str = "all", data_dir: Path | None = None) -> Non
     with console.status("starting Redis, S3, the API and the workers..."):
         stack.start()
     console.print(f"[green]Step1X Batch is up[/] at {stack.api_url} (OpenAPI: {stack.api_url}/docs)")
-    console.print(f"development API key: [bold]{stack.api_key}[/] (also in {stack.data_dir / 'dev-key'})")
+    console.print(f"development API key: [bold]{stack.api_key}[/] (also in {stack.data_dir / 'dev-key'}; "
+                  f"`step1x keys dev` prints it)")
     console.print(f"logs: {stack.logs}   Ctrl-C stops everything")
     # SIGINT may be ignored when started in the background; both signals stop the stack cleanly.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -122,7 +140,9 @@ def migrate() -> None:
 
 
 @keys_app.command("create")
-def keys_create(tenant: str) -> None:
+def keys_create(tenant: str, operator: Annotated[bool, typer.Option(
+        "--operator", help="an operator key: sees every tenant on the dashboard, may pause queues and drain "
+                           "workers")] = False) -> None:
     """Print a new API key for TENANT (created if new). Only its hash is stored: keep it."""
     from core.db import session_scope, upgrade
     from core.keys import create_key
@@ -130,17 +150,34 @@ def keys_create(tenant: str) -> None:
     settings = get_settings()
     upgrade(settings.database_url)
     with session_scope(settings.database_url) as session:
-        key = create_key(session, tenant)
+        key = create_key(session, tenant, operator=operator)
     typer.echo(key)
 
 
+@keys_app.command("dev")
+def keys_dev() -> None:
+    """Print the development key of the local stack (`step1x up` writes it to the data folder)."""
+    path = dev_key_path()
+    if not path.is_file():
+        raise Step1XError(f"no development key at {path}: start the stack with `step1x up` first")
+    typer.echo(path.read_text().strip())
+
+
 @app.command()
-def submit(manifest: Path, wait: bool = False, api_url: ApiUrl = "http://127.0.0.1:8000",
-           api_key: ApiKey = None) -> None:
-    """Submit a JSONL manifest; with --wait, show progress, then a summary."""
-    with _client(api_url, api_key) as client:
+def submit(manifest: Path, wait: bool = False,
+           completion_window: Annotated[str | None, typer.Option(help="e.g. 24h: unfinished jobs then expire")] = None,
+           output_ttl: Annotated[str | None, typer.Option(help="e.g. 7d: outputs are deleted this long after")] = None,
+           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="print only the batch id")] = False,
+           api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    """Submit a JSONL manifest (local image paths are uploaded); with --wait, show progress, then a summary."""
+    with Client(api_url, api_key) as client:
         started = time.monotonic()
-        batch = client.submit_manifest(manifest)
+        batch = client.submit_manifest(manifest, completion_window=completion_window, output_ttl=output_ttl)
+        if quiet:
+            if wait:
+                client.wait_batch(batch["id"])
+            typer.echo(batch["id"])
+            return
         console.print(f"batch [bold]{batch['id']}[/]: {batch['total']} items queued")
         if wait:
             batch = wait_with_progress(client, batch)
@@ -148,24 +185,24 @@ def submit(manifest: Path, wait: bool = False, api_url: ApiUrl = "http://127.0.0
 
 
 @app.command()
-def status(batch_id: str, api_url: ApiUrl = "http://127.0.0.1:8000", api_key: ApiKey = None) -> None:
+def status(batch_id: str, api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
     """A batch's status and counts."""
-    with _client(api_url, api_key) as client:
+    with Client(api_url, api_key) as client:
         console.print_json(json.dumps(client.get_batch(batch_id)))
 
 
 @app.command()
-def results(batch_id: str, out: Path = Path("results"), api_url: ApiUrl = "http://127.0.0.1:8000",
-            api_key: ApiKey = None) -> None:
-    """Download every output of a batch into OUT, named by custom_id."""
-    with _client(api_url, api_key) as client:
+def results(batch_id: str, out: Path = Path("results"), api_url: ApiUrl = None, api_key: ApiKey = None) -> None:
+    """Download every output of a batch into OUT, named by custom_id, with its format's extension."""
+    with Client(api_url, api_key) as client:
         paths = client.download_results(batch_id, out)
     console.print(f"{len(paths)} images in {out}")
 
 
 @app.command()
-def demo(out: Path = Path("demo-output"), port: int = 8000, data_dir: Path | None = None) -> None:
+def demo(out: Path = Path("demo-output"), port: Port = 8000, data_dir: Path | None = None) -> None:
     """Start the embedded stack, run a 48-item demo catalog through it, download, summarise, stop."""
+    ensure_port_free(port)
     from step1x.demo import run_demo
 
     ok = run_demo(out, data_dir or get_settings().data_dir, port, console)
@@ -200,6 +237,21 @@ def evaluate(out: Path = Path("eval-output/eval.json"), photos: int | None = Non
         pull(name, root, console=console)
     print_report(run_eval(root, out, photos, console=console), console=console)
     console.print(f"written to {out}")
+
+
+@app.command("measure-upscalers")
+def measure_upscalers(out: Path = Path("eval-output/upscalers.json"), size: int = 512, repeats: int = 3,
+                      device: Annotated[str | None, typer.Option(help="cpu, cuda (default: each profile's)")] = None
+                      ) -> None:
+    """Seconds per output megapixel of every upscaler: what picks the default upscaler per device."""
+    from models.pull import PULLABLE, pull
+    from models.upscale_cost import measure, print_report
+
+    settings = get_settings()
+    for name in PULLABLE:  # fetching is a no-op once they are here
+        pull(name, settings.model_root, console=console)
+    names = sorted(n for n, p in settings.models.items() if p.task == "upscale")
+    print_report(measure(settings, names, size, repeats, device), console, out)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """The embedded stack on one machine, no Docker: SQLite, Redis and SeaweedFS S3 as child processes,
-the API (uvicorn) and one worker per GPU (or one CPU worker). Used by `step1x up` and `step1x demo`."""
+the API (uvicorn), one worker per GPU (or one CPU worker) and the control process (reconciler).
+Used by `step1x up` and `step1x demo`."""
 
 from __future__ import annotations
 
@@ -71,7 +72,8 @@ class EmbeddedStack:
                 env=env, stdout=api_log, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=die_with_parent(signal.SIGTERM)))
         gpus = launcher.parse_gpus(self.gpus, launcher.detect_gpus())
-        self.procs.extend(launcher.start_workers(gpus, self.logs, self.loglevel, env=self.env, beat=True))
+        # The inference workers, and the control process that runs the reconciler beside them.
+        self.procs.extend(launcher.start_workers(gpus, self.logs, self.loglevel, env=self.env, control=True))
         self._wait_api()
 
     def _dev_key(self, settings: Settings) -> str:

@@ -1,6 +1,7 @@
-"""The Celery app the workers and beat run: `celery -A workers.app worker` / `celery -A workers.app beat`.
+"""The Celery app the inference workers run: `celery -A workers.app worker`.
 
-Its configuration lives in `core.dispatch`, shared with the API that sends the tasks.
+Its configuration lives in `core.dispatch`, shared with the API that sends the tasks; the
+reconciler and beat run in the control process (`workers.control`).
 """
 
 from core.dispatch import app_for
@@ -8,9 +9,8 @@ from core.settings import get_settings
 
 settings = get_settings()
 app = app_for(settings)
-# Where an embedded beat (`step1x up`) keeps its schedule: inside the data folder, not the cwd.
-settings.data_dir.mkdir(parents=True, exist_ok=True)
-app.conf.beat_schedule_filename = str(settings.data_dir / "celerybeat-schedule")
 
+import workers.deliver  # noqa: E402  (webhook deliveries and URL fetches, on the control queue)
+import workers.registry  # noqa: E402  (the heartbeat into the workers table)
 import workers.signals  # noqa: E402  (registers timing/logging hooks)
 import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)

@@ -15,27 +15,33 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import Table, and_, bindparam, or_, select, update
+from sqlalchemy import Table, and_, bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from core import progress
+from core import events, thumbs
 from core.db import session_scope
-from core.errors import NotFound, Step1XError
+from core.errors import InvalidInput, NotFound, Step1XError
+from core.formats import CONTENT_TYPES, encode, flatten
 from core.jobs import complete_batches
+from core.masks import as_mask
 from core.settings import Settings
 from core.specs import parse_item
-from core.status import JobStatus, sources_of
+from core.status import RETRYABLE, ErrorCode, JobStatus, failure, sources_of
 from core.storage import Storage, input_key, output_key
-from core.tables import Job, utcnow
-from models.engine import Engine, ImageRequest, ImageResult
+from core.tables import Batch, Job, utcnow
+from core.usage import Usage
+from models.engine import Canceled, Engine, ImageRequest, ImageResult
 from models.profiles import library_versions
+from workers.progress import Watch
+from workers.registry import Presence
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +56,8 @@ class Claimed:
     spec: dict[str, Any]
     attempts: int
     created_at: datetime
+    claims: int  # this run's fence: finishing, renewing and handing back touch only this claim
+    charged: bool = True  # whether the claim charged an attempt (a take-over after trouble does not)
 
     @property
     def label(self) -> str:
@@ -63,36 +71,61 @@ class Outcome:
     job: Claimed
     status: JobStatus = JobStatus.SUCCEEDED
     error: str | None = None
+    code: ErrorCode | None = None
     output_keys: list[str] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     fingerprint: str | None = None
+    usage: Usage = field(default_factory=Usage)
+
+    def fail(self, code: ErrorCode, error: str) -> None:
+        self.status, self.code, self.error = JobStatus.FAILED, code, error
 
 
-def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Settings) -> list[Claimed]:
+_RETURNED = (Job.id, Job.tenant_id, Job.batch_id, Job.custom_id, Job.model, Job.spec, Job.attempts,
+             Job.created_at, Job.claims)
+
+
+def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Settings,
+          interrupted: Mapping[str, int] | None = None) -> list[Claimed]:
     """queued -> running for the jobs nobody else holds, while attempts remain. Also takes over
     running jobs whose lease expired (their worker died), and running jobs held under this very
     worker's name: a worker runs one micro-batch at a time, so if the message comes back to it, the
-    process that held them is gone (killed mid-batch, then the message was redelivered)."""
+    process that held them is gone (killed mid-batch, then the message was redelivered).
+
+    Each claim charges the job one attempt, except a take-over of a run listed in `interrupted`
+    (job id -> its claim number): infrastructure trouble ended that run before it could hand its
+    jobs back, and infrastructure trouble is never the item's fault."""
     now = utcnow()
-    values = dict(status=JobStatus.RUNNING, attempts=Job.attempts + 1, worker=worker, started_at=now,
-                  lease_until=now + timedelta(seconds=settings.lease_seconds), error=None)
-    held_by_dead = or_(Job.lease_until < now, Job.worker == worker)
-    # One UPDATE per source status, so the batch counters know what moved. Take-overs first: the
-    # jobs claimed from queued below carry this worker's name and must not be taken over again.
-    claimable = [(JobStatus.RUNNING, and_(Job.status == JobStatus.RUNNING, held_by_dead))]
-    claimable += [(source, Job.status == source) for source in sources_of(JobStatus.RUNNING)]
+    run = {"status": JobStatus.RUNNING, "claims": Job.claims + 1, "worker": worker, "started_at": now,
+           "lease_until": now + timedelta(seconds=settings.lease_seconds), "error": None, "progress": 0.0}
+    options = {"synchronize_session": False}
     claimed: list[Claimed] = []
-    for source, fence in claimable:
-        stmt = (
-            update(Job).where(Job.id.in_(list(job_ids)), fence, Job.attempts < settings.max_attempts)
-            .values(**values)
-            .returning(Job.id, Job.tenant_id, Job.batch_id, Job.custom_id, Job.model, Job.spec, Job.attempts,
-                       Job.created_at)
-        )
-        rows = [Claimed(*row) for row in session.execute(stmt, execution_options={"synchronize_session": False})]
-        progress.move_many(session, [(c.batch_id, source, JobStatus.RUNNING) for c in rows])
-        claimed.extend(rows)
+    by_claim: dict[int, list[str]] = {}
+    for job_id, number in (interrupted or {}).items():
+        if job_id in job_ids:
+            by_claim.setdefault(number, []).append(job_id)
+    for number, ids in by_claim.items():
+        stmt = (update(Job).where(Job.id.in_(ids), Job.claims == number, Job.status == JobStatus.RUNNING)
+                .values(**run).returning(*_RETURNED))
+        claimed += [replace(Claimed(*row), charged=False) for row in session.execute(stmt, execution_options=options)]
+    taken = {c.id for c in claimed}
+    rest = [job_id for job_id in job_ids if job_id not in taken]
+    held_by_dead = or_(Job.lease_until < now, Job.worker == worker)
+    claimable = or_(Job.status.in_(sources_of(JobStatus.RUNNING)),
+                    and_(Job.status == JobStatus.RUNNING, held_by_dead))
+    stmt = (
+        update(Job)
+        .where(Job.id.in_(rest), claimable, Job.attempts < settings.max_attempts)
+        .values(**run, attempts=Job.attempts + 1)
+        .returning(*_RETURNED)
+    )
+    if rest:
+        claimed += [Claimed(*row) for row in session.execute(stmt, execution_options=options)]
+    batch_ids = {c.batch_id for c in claimed if c.batch_id}
+    if batch_ids:
+        session.execute(update(Batch).where(Batch.id.in_(batch_ids), Batch.started_at.is_(None))
+                        .values(started_at=now))
     order = {job_id: i for i, job_id in enumerate(job_ids)}
     return sorted(claimed, key=lambda c: order[c.id])
 
@@ -100,21 +133,29 @@ def claim(session: Session, job_ids: Sequence[str], worker: str, settings: Setti
 def requests_for(job: Claimed, images: Callable[[str], Image.Image]) -> list[ImageRequest]:
     """The engine requests of one job: one per output image."""
     spec = parse_item({**job.spec, "custom_id": job.custom_id}, job.label)
-    data = spec.model_dump(exclude={"custom_id", "model", "kind", "cache", "num_images", "seed"})
+    data = spec.model_dump(exclude={"custom_id", "model", "kind", "cache", "num_images", "seed", "output_format",
+                                    "quality", "background"})
     data["prompt"] = data.get("prompt") or ""  # fill and structure modes may omit it
     for name in ("image", "mask", "edges"):
         if data.get(name) is not None:
-            data[name] = images(data[name]).convert("L" if name == "mask" else "RGB")
+            data[name] = as_mask(images(data[name])) if name == "mask" else flatten(images(data[name]), spec.background)
     count = job.spec.get("num_images", 1)
     seed = job.spec["seed"]
     return [ImageRequest(kind=spec.kind, seed=seed + i, label=job.label, **data) for i in range(count)]
 
 
 def fingerprint(job: Claimed, engine: Engine) -> str:
-    """Identical jobs (same spec, content-addressed inputs, seed and model weights) share one."""
-    spec = {k: v for k, v in job.spec.items() if k != "cache"}
+    """Identical jobs (same spec, content-addressed inputs, seed and model weights) share one. The
+    seed is left out for engines that do not use it, so identical upscales and fills match."""
+    ignored = {"cache"} if engine.profile.seeded else {"cache", "seed"}
+    spec = {k: v for k, v in job.spec.items() if k not in ignored}
     blob = json.dumps([spec, engine.name, engine.model_hash], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def device_kind(engine: Engine) -> str:
+    """"cuda" or "cpu": what the engine's compute ran on (engines without torch run on the CPU)."""
+    return str(getattr(getattr(engine, "device", None), "type", "cpu"))
 
 
 def run_isolating(engine: Engine, requests: list[ImageRequest]) -> list[ImageResult | Exception]:
@@ -122,6 +163,8 @@ def run_isolating(engine: Engine, requests: list[ImageRequest]) -> list[ImageRes
     item fails alone and the rest still succeed."""
     try:
         return list(engine.run(requests))
+    except Canceled:
+        raise
     except Exception as exc:  # any engine failure is isolated; infrastructure errors come later
         if len(requests) == 1:
             log.warning("item %s failed: %s", requests[0].label, exc)
@@ -130,20 +173,26 @@ def run_isolating(engine: Engine, requests: list[ImageRequest]) -> list[ImageRes
         return run_isolating(engine, requests[:mid]) + run_isolating(engine, requests[mid:])
 
 
-def encode_png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+class Interrupted(Exception):
+    """Storage, database or broker trouble stopped a micro-batch: not its items' fault. `held` lists
+    the runs that could not even be handed back (job id -> claim number), for the retry to take
+    over without charging an attempt."""
+
+    def __init__(self, cause: BaseException, held: dict[str, int]) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.held = held
 
 
 class MicroBatch:
     """One micro-batch's run through the stages, with the worker's warm engines and storage."""
 
-    def __init__(self, settings: Settings, storage: Storage, engines: Callable[[str], Engine], worker: str):
+    def __init__(self, settings: Settings, storage: Storage, engines: Callable[[str], Engine], worker: str,
+                 presence: Presence | None = None):
         self.settings = settings
         self.storage = storage
         self.engines = engines
         self.worker = worker
+        self.presence = presence
         self._inputs: dict[str, Image.Image] = {}
 
     def _image(self, tenant: str) -> Callable[[str], Image.Image]:
@@ -155,22 +204,36 @@ class MicroBatch:
             return self._inputs[key]
         return load
 
-    def run(self, job_ids: Sequence[str]) -> list[Outcome]:
+    def run(self, job_ids: Sequence[str], interrupted: Mapping[str, int] | None = None) -> list[Outcome]:
+        """Claim, run and finish; raises Interrupted on infrastructure trouble, after handing the
+        claimed jobs back uncharged where the database allows."""
         with session_scope(self.settings.database_url) as session:
-            claimed = claim(session, job_ids, self.worker, self.settings)
+            claimed = claim(session, job_ids, self.worker, self.settings, interrupted)
         if not claimed:
             return []
         now = utcnow()
         outcomes = [Outcome(job, timings={"queued": round((now - job.created_at).total_seconds(), 4)})
                     for job in claimed]
         try:
-            with Heartbeat(self.settings, claimed):
+            with Heartbeat(self.settings, claimed), self._holding(claimed):
                 self._run_all(outcomes)
         except Exception as exc:
-            # Storage or database trouble, not the items' fault: hand the jobs back for a retry.
-            release(self.settings, claimed, f"{type(exc).__name__}: {exc}")
-            raise
+            held: dict[str, int] = {}
+            try:
+                release(self.settings, claimed, f"{type(exc).__name__}: {exc}")
+            except Exception as again:  # the database is down too: the retry takes these runs over
+                log.warning("could not hand back %d jobs (%s); the retry takes them over", len(claimed), again)
+                held = {job.id: job.claims for job in claimed}
+            raise Interrupted(exc, held) from exc
+        if self.presence is not None:
+            self.presence.images_done += sum(len(o.output_keys) for o in outcomes
+                                             if o.status == JobStatus.SUCCEEDED)
         return outcomes
+
+    def _holding(self, claimed: Sequence[Claimed]) -> AbstractContextManager[None]:
+        if self.presence is None:
+            return nullcontext()
+        return self.presence.holding([job.id for job in claimed], claimed[0].model)
 
     def _run_all(self, outcomes: list[Outcome]) -> None:
         by_model: dict[str, list[Outcome]] = {}
@@ -181,10 +244,11 @@ class MicroBatch:
                 engine = self.engines(model)
             except Step1XError as exc:  # missing weights, bad profile: retrying cannot help
                 for outcome in group:
-                    outcome.status, outcome.error = JobStatus.FAILED, f"model {model!r}: {exc}"
+                    outcome.fail(ErrorCode.MODEL_UNAVAILABLE, f"model {model!r}: {exc}")
                 continue
             self._run_group(engine, group)
-        finish(self.settings, outcomes)
+        uploaded = finish(self.settings, outcomes)
+        self._drop_canceled(uploaded)
 
     def _run_group(self, engine: Engine, group: list[Outcome]) -> None:
         pending: list[tuple[Outcome, list[ImageRequest]]] = []
@@ -201,43 +265,76 @@ class MicroBatch:
                 requests = requests_for(job, self._image(job.tenant_id))
                 engine.check_inputs(requests)
             except Step1XError as exc:
-                outcome.status, outcome.error = JobStatus.FAILED, str(exc)
+                outcome.fail(ErrorCode.INVALID_INPUT, str(exc))
                 continue
             except OSError as exc:  # undecodable input bytes
-                outcome.status, outcome.error = JobStatus.FAILED, f"image: cannot decode input ({exc})"
+                outcome.fail(ErrorCode.INVALID_INPUT, f"image: cannot decode input ({exc})")
                 continue
             pending.append((outcome, requests))
         flat = [req for _, reqs in pending for req in reqs]
         if not flat:
             return
         started = time.perf_counter()
-        results = run_isolating(engine, flat)
+        watch = Watch(self.settings, [outcome.job for outcome, _ in pending])
+        try:
+            with engine.watched(watch):
+                results = run_isolating(engine, flat)
+        except Canceled:
+            for outcome, _ in pending:
+                outcome.status = JobStatus.CANCELED
+            return
         run_seconds = (time.perf_counter() - started) / len(flat)
-        uploads: list[tuple[str, Image.Image]] = []
+        canceled = watch.canceled_now()  # canceled while it ran: nothing of theirs is uploaded
+        uploads: list[tuple[str, Image.Image, str, int | None]] = []
+        thumbnails: list[tuple[Claimed, list[tuple[str, Image.Image]]]] = []
         cursor = 0
         for outcome, reqs in pending:
             mine = results[cursor:cursor + len(reqs)]
             cursor += len(reqs)
+            if outcome.job.id in canceled:
+                outcome.status = JobStatus.CANCELED
+                continue
             failure = next((r for r in mine if isinstance(r, Exception)), None)
             if failure is not None:
-                outcome.status, outcome.error = JobStatus.FAILED, f"{type(failure).__name__}: {failure}"
+                code = ErrorCode.INVALID_INPUT if isinstance(failure, InvalidInput) else ErrorCode.ENGINE_ERROR
+                outcome.fail(code, f"{type(failure).__name__}: {failure}")
                 continue
             job = outcome.job
-            keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(mine))]
+            fmt = job.spec.get("output_format", "png")
+            keys = [output_key(job.tenant_id, job.batch_id, job.id, i, fmt) for i in range(len(mine))]
             images = [r for r in mine if isinstance(r, ImageResult)]  # all of them: no failure above
-            uploads.extend((key, r.image) for key, r in zip(keys, images, strict=True))
+            uploads.extend((key, r.image, fmt, job.spec.get("quality")) for key, r in zip(keys, images, strict=True))
+            thumbnails.append((job, [(key, r.image) for key, r in zip(keys, images, strict=True)]))
             outcome.output_keys = keys
             outcome.result = {"seeds": [r.seed for r in images], "model": engine.name,
                               "model_hash": engine.model_hash, "versions": library_versions(), "cached": False}
             outcome.timings["run"] = round(run_seconds * len(reqs), 4)
+            steps = sum(r.steps for r in reqs) if engine.profile.seeded else 0
+            outcome.usage = Usage.of((r.image.size for r in images), steps, run_seconds * len(reqs),
+                                     device_kind(engine))
         started = time.perf_counter()
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
         with ThreadPoolExecutor(max_workers=self.settings.upload_concurrency) as pool:
-            list(pool.map(lambda item: self.storage.put(item[0], encode_png(item[1]), "image/png"), uploads))
+            list(pool.map(lambda up: self.storage.put(up[0], encode(*up[1:]), CONTENT_TYPES[up[2]]), uploads))
+            list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
+                                                 self._image(t[0].tenant_id)), thumbnails))
         upload_seconds = (time.perf_counter() - started) / max(1, len(uploads))
         for outcome, reqs in pending:
             if outcome.status == JobStatus.SUCCEEDED:
                 outcome.timings["upload"] = round(upload_seconds * len(reqs), 4)
+
+    def _drop_canceled(self, uploaded: Sequence[Outcome]) -> None:
+        """A job canceled between its upload and the finishing UPDATE kept its canceled status (the
+        UPDATE is fenced on running): delete what was uploaded for it, so no object outlives a cancel."""
+        if not uploaded:
+            return
+        with session_scope(self.settings.database_url) as session:
+            canceled = set(session.scalars(select(Job.id).where(
+                Job.id.in_([o.job.id for o in uploaded]), Job.status == JobStatus.CANCELED)))
+        for outcome in uploaded:
+            if outcome.job.id in canceled and not outcome.result.get("cached"):
+                for key in outcome.output_keys:
+                    self.storage.delete(key)
 
     def _earlier_outputs(self, outcomes: Sequence[Outcome]) -> dict[tuple[str, str | None], tuple[list[str], Any]]:
         """Outputs of earlier succeeded jobs with the same fingerprint, for the whole micro-batch in
@@ -257,7 +354,8 @@ class MicroBatch:
     def _reuse(self, outcome: Outcome, source_keys: list[str], source_result: Any) -> bool:
         """Copy the output of an earlier identical job of the same tenant instead of running again."""
         job = outcome.job
-        keys = [output_key(job.tenant_id, job.batch_id, job.id, i) for i in range(len(source_keys))]
+        keys = [output_key(job.tenant_id, job.batch_id, job.id, i, job.spec.get("output_format", "png"))
+                for i in range(len(source_keys))]
         try:
             for src, dst in zip(source_keys, keys, strict=True):
                 self.storage.copy(src, dst)
@@ -268,54 +366,68 @@ class MicroBatch:
         return True
 
 
-def finish(settings: Settings, outcomes: Sequence[Outcome]) -> None:
-    """Record every outcome with one (executemany) UPDATE, fenced on status and attempt."""
+def _lock_order(outcome: Outcome) -> tuple[str, str]:
+    """Each job's status change also moves its batch's counters (a trigger), which locks the batch
+    row: two workers finishing jobs of the same batches lock them in the same order, never a cycle."""
+    return outcome.job.batch_id or "", outcome.job.id
+
+
+def finish(settings: Settings, outcomes: Sequence[Outcome]) -> list[Outcome]:
+    """Record every outcome with one (executemany) UPDATE, fenced on status and claim. Returns the
+    outcomes that put objects in storage."""
     now = utcnow()
     rows = [{
-        "b_id": o.job.id, "b_attempt": o.job.attempts, "b_status": o.status.value, "b_error": o.error,
+        "b_id": o.job.id, "b_claims": o.job.claims, "b_status": o.status.value, "b_error": o.error,
+        "b_code": o.code.value if o.code else None, "b_retryable": o.code in RETRYABLE if o.code else None,
         "b_keys": o.output_keys or None, "b_result": o.result or None, "b_timings": o.timings,
         "b_fingerprint": o.fingerprint, "b_finished": now,
-    } for o in outcomes]
+        "b_progress": 1.0 if o.status == JobStatus.SUCCEEDED else 0.0,
+        **{f"b_{name}": value for name, value in o.usage.columns().items()},
+    } for o in sorted(outcomes, key=_lock_order) if o.status != JobStatus.CANCELED]
     table = Job.__table__
     assert isinstance(table, Table)
     stmt = (
         update(table)
-        .where(table.c.id == bindparam("b_id"), table.c.attempts == bindparam("b_attempt"),
+        .where(table.c.id == bindparam("b_id"), table.c.claims == bindparam("b_claims"),
                table.c.status == JobStatus.RUNNING)  # a canceled job stays canceled
-        .values(status=bindparam("b_status"), error=bindparam("b_error"), output_keys=bindparam("b_keys"),
+        .values(status=bindparam("b_status"), error=bindparam("b_error"), error_code=bindparam("b_code"),
+                retryable=bindparam("b_retryable"), output_keys=bindparam("b_keys"),
                 result=bindparam("b_result"), timings=bindparam("b_timings"),
-                fingerprint=bindparam("b_fingerprint"), finished_at=bindparam("b_finished"), lease_until=None)
+                fingerprint=bindparam("b_fingerprint"), finished_at=bindparam("b_finished"),
+                progress=bindparam("b_progress"), lease_until=None, outage_since=None,
+                **{name: bindparam(f"b_{name}") for name in Usage().columns()})
     )
     with session_scope(settings.database_url) as session:
-        # Lock the rows this attempt still holds: the UPDATE below then changes exactly these, and
-        # the batch counters move by exactly them (a job canceled meanwhile is left alone).
-        held = {(job_id, attempt) for job_id, attempt in session.execute(
-            select(Job.id, Job.attempts).where(Job.id.in_([o.job.id for o in outcomes]),
-                                               Job.status == JobStatus.RUNNING).with_for_update())}
-        mine = [row for row, o in zip(rows, outcomes, strict=True) if (o.job.id, o.job.attempts) in held]
-        if mine:
-            session.connection().execute(stmt, mine)
-        progress.move_many(session, [(o.job.batch_id, JobStatus.RUNNING, o.status) for o in outcomes
-                                     if (o.job.id, o.job.attempts) in held])
+        if rows:
+            session.connection().execute(stmt, rows)
         complete_batches(session, {o.job.batch_id for o in outcomes if o.job.batch_id})
+        events.jobs_ended(session, Job.id.in_([o.job.id for o in outcomes]), Job.finished_at == now)
+    return [o for o in outcomes if o.output_keys and o.status == JobStatus.SUCCEEDED]
 
 
 def release(settings: Settings, claimed: Sequence[Claimed], error: str) -> None:
-    """Hand back the jobs this attempt still holds: queued for a retry while attempts remain,
-    failed with the error otherwise."""
+    """Hand back the jobs this run still holds after infrastructure trouble, refunding the attempt
+    the claim charged: queued again, unless the trouble has lasted past the outage budget, then
+    failed with error_code "outage"."""
+    now = utcnow()
+    over_budget = now - timedelta(seconds=settings.outage_budget)
     with session_scope(settings.database_url) as session:
-        for job in claimed:
-            last = job.attempts >= settings.max_attempts
-            target = JobStatus.FAILED if last else JobStatus.QUEUED
-            result = session.execute(
-                update(Job).where(Job.id == job.id, Job.attempts == job.attempts,
-                                  Job.status.in_(sources_of(JobStatus.QUEUED)))
-                .values(status=target, lease_until=None, worker=None,
-                        error=f"gave up after {job.attempts} attempts: {error}" if last else error,
-                        finished_at=utcnow() if last else None)
-            )
-            progress.move(session, job.batch_id, JobStatus.RUNNING, target, result.rowcount)  # type: ignore[attr-defined]
+        for job in sorted(claimed, key=lambda c: (c.batch_id or "", c.id)):  # lock order, as in finish
+            this_run = (Job.id == job.id, Job.claims == job.claims, Job.status == JobStatus.RUNNING)
+            session.execute(
+                update(Job).where(*this_run, Job.outage_since < over_budget)
+                .values(status=JobStatus.FAILED, lease_until=None, worker=None, finished_at=now,
+                        attempts=Job.attempts - int(job.charged), **failure(ErrorCode.OUTAGE),
+                        error=f"storage or database unavailable for longer than the outage budget "
+                              f"({settings.outage_budget:g} s): {error}"))
+            session.execute(
+                update(Job).where(*this_run)
+                .values(status=JobStatus.QUEUED, lease_until=None, worker=None, error=error,
+                        attempts=Job.attempts - int(job.charged), outage_since=func.coalesce(Job.outage_since, now),
+                        # The retry is this job's dispatch: the reconciler need not send another.
+                        dispatched_at=now))
         complete_batches(session, {job.batch_id for job in claimed if job.batch_id})
+        events.jobs_ended(session, Job.id.in_([job.id for job in claimed]), Job.finished_at == now)
 
 
 class Heartbeat:
@@ -335,7 +447,7 @@ class Heartbeat:
                 with session_scope(self.settings.database_url) as session:
                     for job in self.claimed:
                         session.execute(
-                            update(Job).where(Job.id == job.id, Job.attempts == job.attempts,
+                            update(Job).where(Job.id == job.id, Job.claims == job.claims,
                                               Job.status == JobStatus.RUNNING)
                             .values(lease_until=utcnow() + timedelta(seconds=seconds)))
             except Exception as exc:  # a missed beat only shortens the lease; the next one retries

@@ -2,7 +2,7 @@
 
 Each worker runs one micro-batch at a time (concurrency 1, prefetch 1): a GPU does one forward pass
 at a time anyway, and a second message waiting in a busy worker would only delay another GPU.
-Without a GPU, one CPU worker.
+Without a GPU, one CPU worker. Beside them, optionally, the control process.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from core.dispatch import worker_queues
+from core.dispatch import CONTROL, worker_queues
 from core.services import die_with_parent
 from core.settings import get_settings
 
@@ -64,12 +64,13 @@ def parse_models(spec: str | None, configured: Sequence[str]) -> list[str]:
     return wanted
 
 
-def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", beat: bool = False,
+def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", control: bool = False,
                     models: Sequence[str] | None = None) -> list[tuple[str, list[str], dict[str, str]]]:
-    """(name, argv, extra env) per worker process. `beat` embeds the periodic reconciler in the first
-    worker (one machine, no separate beat process); production runs `celery beat` once instead.
-    Each worker consumes the queues of the `models` it serves (default: every configured profile),
-    so micro-batches reach only workers that keep their model warm."""
+    """(name, argv, extra env) per process: one inference worker per GPU (or one CPU worker), then,
+    with `control`, the control process (reconciler and beat). Run exactly one control process per
+    deployment: each runs a beat. Each inference worker consumes the queues of the `models` it
+    serves (default: every configured profile), so micro-batches reach only workers that keep
+    their model warm."""
     host = socket.gethostname()
     served = parse_models(None, list(get_settings().models)) if models is None else models
     base = [sys.executable, "-m", "celery", "-A", "workers.app", "worker", "--concurrency", "1",
@@ -80,27 +81,44 @@ def worker_commands(gpus: Sequence[str], loglevel: str = "INFO", beat: bool = Fa
     else:
         commands = [(f"gpu{g}@{host}", [*base, "-n", f"gpu{g}@{host}"], {"CUDA_VISIBLE_DEVICES": g})
                     for g in gpus]
-    if beat:
-        commands[0][1].append("--beat")
+    if control:
+        commands.append(control_command(loglevel))
     return commands
 
 
+def control_command(loglevel: str = "INFO") -> tuple[str, list[str], dict[str, str]]:
+    """The light control process: a thread-pool Celery worker on the control queue, with the beat.
+    It imports no torch, so recovery never waits behind (or for) inference."""
+    name = f"control@{socket.gethostname()}"
+    argv = [sys.executable, "-m", "celery", "-A", "workers.control", "worker", "-n", name, "-Q", CONTROL,
+            "--pool", "threads", "--concurrency", "16", "--loglevel", loglevel, "--beat"]
+    return name, argv, {"CUDA_VISIBLE_DEVICES": ""}
+
+
 def start_workers(gpus: Sequence[str], log_dir: Path | None = None, loglevel: str = "INFO",
-                  env: dict[str, str] | None = None, beat: bool = False, models: Sequence[str] | None = None
+                  env: dict[str, str] | None = None, control: bool = False, models: Sequence[str] | None = None
                   ) -> list[subprocess.Popen[Any]]:
-    procs = []
-    for name, argv, extra in worker_commands(gpus, loglevel, beat, models):
-        with contextlib.ExitStack() as files:
-            out: Any = None
-            if log_dir is not None:
-                log_dir.mkdir(parents=True, exist_ok=True)
-                out = files.enter_context((log_dir / f"worker-{name.split('@')[0]}.log").open("ab"))
-            # Own process group, so stopping can reach Celery's pool children too; SIGTERM (warm
-            # shutdown) if the launcher itself dies. The child keeps its own copy of the log file.
-            procs.append(subprocess.Popen(argv, env={**os.environ, **(env or {}), **extra}, stdout=out,
-                                          stderr=subprocess.STDOUT if out else None, start_new_session=True,
-                                          preexec_fn=die_with_parent(signal.SIGTERM)))
-    return procs
+    return [spawn(name, argv, {**(env or {}), **extra}, log_dir)
+            for name, argv, extra in worker_commands(gpus, loglevel, control, models)]
+
+
+def start_control(log_dir: Path | None = None, loglevel: str = "INFO", env: dict[str, str] | None = None
+                  ) -> subprocess.Popen[Any]:
+    name, argv, extra = control_command(loglevel)
+    return spawn(name, argv, {**(env or {}), **extra}, log_dir)
+
+
+def spawn(name: str, argv: list[str], env: dict[str, str], log_dir: Path | None) -> subprocess.Popen[Any]:
+    with contextlib.ExitStack() as files:
+        out: Any = None
+        if log_dir is not None:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            out = files.enter_context((log_dir / f"worker-{name.split('@')[0]}.log").open("ab"))
+        # Own process group, so stopping can reach Celery's pool children too; SIGTERM (warm
+        # shutdown) if the launcher itself dies. The child keeps its own copy of the log file.
+        return subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT if out else None, start_new_session=True,
+                                preexec_fn=die_with_parent(signal.SIGTERM))
 
 
 def stop_all(procs: Sequence[subprocess.Popen[Any]], timeout: float = 20) -> None:
@@ -129,12 +147,13 @@ def calibrate(gpus: Sequence[str], models: Sequence[str], loglevel: str = "INFO"
 
 def run(gpus_spec: str, loglevel: str = "INFO", beat: bool = False, models_spec: str | None = None,
         calibrate_first: bool = False) -> int:
-    """Start the workers and supervise them until a signal or until one exits."""
+    """Start the workers and supervise them until a signal or until one exits. `beat` also starts
+    the control process (the reconciler and its beat): do it on one machine of a deployment."""
     gpus = parse_gpus(gpus_spec, detect_gpus())
     models = parse_models(models_spec, list(get_settings().models))
     if calibrate_first:
         calibrate(gpus, models, loglevel)
-    procs = start_workers(gpus, loglevel=loglevel, beat=beat, models=models)
+    procs = start_workers(gpus, loglevel=loglevel, control=beat, models=models)
     stopping = False
 
     def _stop(*_: Any) -> None:

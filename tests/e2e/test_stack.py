@@ -1,29 +1,23 @@
 """The whole stack in processes: the API served by uvicorn, real Celery workers, real PostgreSQL,
-Redis and SeaweedFS. A batch goes in over HTTP; every output must come out in S3."""
+Redis and SeaweedFS. A batch goes in over HTTP; every output must come out in S3. (Killed workers,
+lost services and replayed submissions are in tests/fault.)"""
 
 from __future__ import annotations
 
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
-import psutil
 import pytest
 from PIL import Image
 
-from core.db import session_scope
-from core.keys import create_key
-from core.services import free_port
 from core.storage import Storage
 from step1x.client import Client
 from tests.integration.helpers import mask_png, png
+from tests.stack import Stack
 from workers.launcher import start_workers, stop_all
 
 pytestmark = pytest.mark.e2e
@@ -31,39 +25,13 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def stack(settings, tmp_path) -> Iterator[Client]:
-    """API + one CPU worker (with the reconciler embedded), configured through the environment the
-    `settings` fixture set."""
-    port = free_port()
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    env = {**os.environ, "STEP1X_LEASE_SECONDS": "8", "STEP1X_RECONCILE_INTERVAL": "1",
-           "STEP1X_REDISPATCH_AFTER": "5"}
-    api = subprocess.Popen([sys.executable, "-m", "uvicorn", "api.app:create_app", "--factory", "--port", str(port),
-                            "--log-level", "warning"], env=env, stdout=(logs / "api.log").open("wb"),
-                           stderr=subprocess.STDOUT)
-    worker_env = {k: v for k, v in env.items() if k.startswith("STEP1X_")}
-    workers = start_workers([], logs, env=worker_env, beat=True)
-    with session_scope(settings.database_url) as session:
-        key = create_key(session, "e2e")
-    client = Client(f"http://127.0.0.1:{port}", key, timeout=30)
+    """API + one CPU worker + the control process, configured through the environment the `settings`
+    fixture set."""
+    running = Stack(settings, tmp_path).start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if client.http.get("/readyz").status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert api.poll() is None, (logs / "api.log").read_text()
-            assert time.monotonic() < deadline, "API not ready"
-            time.sleep(0.2)
-        client.workers = workers  # type: ignore[attr-defined]
-        client.logs = logs  # type: ignore[attr-defined]
-        client.worker_env = worker_env  # type: ignore[attr-defined]
-        yield client
+        yield running.client
     finally:
-        client.close()
-        stop_all([api, *workers])
+        running.stop()
 
 
 def catalog(folder: Path) -> Path:
@@ -100,50 +68,6 @@ def test_a_catalog_flows_through_the_whole_stack(stack, settings, tmp_path):
         assert jobs[custom_id]["attempts"] == 1
     paths = stack.download_results(batch["id"], tmp_path / "out")
     assert sorted(p.name for p in paths) == sorted(f"{c}.png" for c in expected)
-
-
-def slow_batch_in_flight(stack, count: int) -> tuple[dict, subprocess.Popen]:
-    """A batch of slow generate jobs (150 steps), returned once the worker is running it."""
-    items = [{"custom_id": f"slow-{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
-              "steps": 150, "seed": i} for i in range(count)]
-    batch = stack.create_batch(items)
-    [worker] = stack.workers
-    deadline = time.monotonic() + 60
-    while stack.get_batch(batch["id"])["counts"]["running"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-    return batch, worker
-
-
-def test_a_killed_worker_loses_no_job_and_duplicates_no_output(stack, settings, tmp_path):
-    batch, worker = slow_batch_in_flight(stack, 16)
-    # Kill the pool process mid-batch without warning.
-    children = psutil.Process(worker.pid).children(recursive=True)
-    assert children, "prefork pool child not found"
-    for child in children:
-        os.kill(child.pid, signal.SIGKILL)
-    done = stack.wait_batch(batch["id"], timeout=240)
-    assert done["counts"]["succeeded"] == 16, stack.results(batch["id"])
-    jobs = list(stack.iter_jobs(batch["id"]))
-    assert max(job["attempts"] for job in jobs) >= 2  # the killed attempt was retried
-    keys = [out["key"] for job in jobs for out in job["outputs"]]
-    assert len(keys) == len(set(keys)) == 16
-    listed = Storage(settings).client.list_objects_v2(Bucket=settings.s3_bucket, Prefix="outputs/")
-    assert len(listed.get("Contents", [])) == 16  # deterministic keys: no duplicate objects
-
-
-def test_a_worker_killed_whole_is_replaced_and_its_jobs_recovered(stack, settings):
-    """The worker's main process dies with its pool (a lost machine): its Redis message stays unacked
-    for the visibility timeout (an hour), so recovery falls to the lease and the reconciler."""
-    batch, worker = slow_batch_in_flight(stack, 8)
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
-    stack.workers[:] = start_workers([], stack.logs, env=stack.worker_env, beat=True)
-    done = stack.wait_batch(batch["id"], timeout=240)
-    assert done["counts"]["succeeded"] == 8, stack.results(batch["id"])
-    jobs = list(stack.iter_jobs(batch["id"]))
-    assert max(job["attempts"] for job in jobs) == 2
-    assert all(job["attempts"] <= 2 for job in jobs)
 
 
 def test_the_cli_submits_waits_and_downloads(stack, tmp_path):

@@ -72,7 +72,7 @@ def test_a_bad_batch_is_rejected_whole_listing_every_item(settings):
         {"custom_id": "size", "kind": "inpaint", "mode": "fill", "image": image, "mask": small_mask},
         {"custom_id": "mode", "kind": "inpaint", "mode": "blur", "image": image, "mask": small_mask},
         {"custom_id": "steps", "kind": "generate", "prompt": "x", "steps": 500},
-        {"custom_id": "nofile", "kind": "upscale", "image": "0" * 64},
+        {"custom_id": "nofile", "kind": "upscale", "image": "0" * 64, "model": "lanczos-x4"},
     ]
     response = client.post("/v1/batches", json={"items": items})
     assert response.status_code == 422
@@ -149,7 +149,7 @@ def test_readiness_checks_every_service(settings):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz")
     assert ready.status_code == 200
-    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "s3": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "redis": "ok", "s3": "ok", "reconciler": "ok"}
     broken = api_client(settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"}))
     response = broken.get("/readyz")
     assert response.status_code == 503
@@ -182,7 +182,10 @@ def test_openapi_declares_bearer_auth_and_error_bodies(settings):
     schema = api_client(settings).get("/openapi.json").json()
     assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     create = schema["paths"]["/v1/batches"]["post"]
-    assert {"401", "404", "409", "422"} <= set(create["responses"])
+    assert {"401", "404", "409", "413", "422", "429", "503"} <= set(create["responses"])
+    for path in ("/v1/jobs", "/v1/batches", "/v1/batches/manifest"):  # an idempotent replay answers 200
+        assert "replay" in schema["paths"][path]["post"]["responses"]["200"]["description"]
+    assert schema["components"]["schemas"]["BatchIn"]["properties"]["items"]["minItems"] == 1
     assert create["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
     spec = schema["components"]["schemas"]["JobSpec"]
     assert sorted(spec["discriminator"]["mapping"]) == ["generate", "inpaint", "upscale"]

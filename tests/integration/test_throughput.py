@@ -6,22 +6,15 @@ import base64
 import json
 import threading
 import time
-from datetime import timedelta
 
 import pytest
 import redis
 from sqlalchemy import func, select, update
 
-from core import progress
 from core.db import session_scope
-from core.jobs import cancel_job, counts
-from core.status import JobStatus
-from core.storage import Storage
-from core.tables import Batch, Calibration, Job, utcnow
-from models.profiles import Registry
+from core.tables import Batch, Calibration, Job
 from step1x.client import Client
 from tests.integration.helpers import api_client, png, upload
-from workers.batch import MicroBatch, Outcome, claim, finish, release
 from workers.launcher import start_workers, stop_all
 from workers.reconcile import reconcile
 
@@ -85,42 +78,6 @@ def test_a_bad_last_line_rejects_a_streamed_manifest_whole(settings, monkeypatch
         assert row is not None and row.dispatched_at is not None  # one stamp for the catalog
         assert session.scalar(select(func.count()).where(Job.dispatched_at.is_not(None))) == 0
     assert reconcile(settings)["redispatched"] == 0  # the batch stamp marks its jobs sent
-
-
-def test_counters_equal_job_rows_after_mixed_transitions(settings):
-    client = api_client(settings)
-    image = upload(client, png((16, 16)))
-    items = [{"custom_id": f"u{i}", "kind": "upscale", "image": image, "model": "lanczos-x4"} for i in range(8)]
-    batch_id = client.post("/v1/batches", json={"items": items}).json()["id"]
-    with session_scope(settings.database_url) as session:
-        ids = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id).order_by(Job.custom_id)))
-        claimed = claim(session, ids[:6], "w1@host", settings)
-    succeeded, failed, released, expired, running_canceled = claimed[0], claimed[1], claimed[2], claimed[3], claimed[4]
-    finish(settings, [Outcome(succeeded), Outcome(failed, status=JobStatus.FAILED, error="bad")])
-    release(settings, [released], "S3 down")
-    with session_scope(settings.database_url) as session:
-        cancel_job(session, "acme", running_canceled.id)
-        cancel_job(session, "acme", ids[6])  # still queued
-        session.execute(update(Job).where(Job.id == expired.id).values(lease_until=utcnow() - timedelta(seconds=1)))
-    # The canceled job's worker finishing late moves nothing: the fence and the counters agree.
-    finish(settings, [Outcome(running_canceled)])
-    reconcile(settings)
-    with session_scope(settings.database_url) as session:
-        batch = session.get(Batch, batch_id)
-        assert batch is not None
-        assert progress.as_dict(batch) == counts(session, batch_id)
-        assert progress.as_dict(batch) == {"queued": 3, "running": 1, "succeeded": 1, "failed": 1, "canceled": 2}
-        assert batch.finished_at is None
-    # Run what is left to the end: the batch is stamped finished once its counters say so.
-    worker = MicroBatch(settings, Storage(settings), Registry(settings).get, worker="w2@host")
-    with session_scope(settings.database_url) as session:
-        session.execute(update(Job).where(Job.id == claimed[5].id).values(lease_until=utcnow() - timedelta(seconds=1)))
-    worker.run(ids)
-    body = client.get(f"/v1/batches/{batch_id}").json()
-    assert body["counts"] == {"queued": 0, "running": 0, "succeeded": 5, "failed": 1, "canceled": 2}
-    assert body["status"] == "completed" and body["finished_at"] is not None
-    with session_scope(settings.database_url) as session:
-        assert counts(session, batch_id) == body["counts"]
 
 
 def test_a_full_queue_answers_429_stores_nothing_and_the_client_waits(settings):

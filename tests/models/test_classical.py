@@ -80,18 +80,48 @@ def test_a_small_mask_on_a_large_photo_only_fills_a_crop(engine: ClassicalFillEn
     assert np.abs(np.asarray(result.image)[wide].astype(int) - reference).max() <= 1
 
 
+def _square_mask(size: int, side: int) -> Image.Image:
+    mask = Image.new("L", (size, size))
+    mask.paste(255, (0, 0, side, side))
+    return mask
+
+
 @pytest.mark.parametrize(("change", "field"), [
     ({"mask": Image.new("L", (64, 32), 255)}, "mask"),
     ({"mask": Image.new("L", (64, 64), 0)}, "mask"),
+    ({"mask": Image.new("L", (64, 64), 255)}, "mask"),  # nothing left to fill from
+    ({"image": Image.new("RGB", (1, 1)), "mask": Image.new("L", (1, 1), 255)}, "mask"),
     ({"mode": "text"}, "mode"),
     ({"kind": "upscale"}, "kind"),
 ])
 def test_bad_fill_requests_name_the_field(engine: ClassicalFillEngine, change: dict, field: str) -> None:
-    fields = {"image": Image.new("RGB", (64, 64)), "mask": Image.new("L", (64, 64), 255), "label": "item-3"}
+    fields = {"image": Image.new("RGB", (64, 64)), "mask": _square_mask(64, 8), "label": "item-3"}
     request = ImageRequest(**{"kind": "inpaint", "mode": "fill", **fields, **change})
     with pytest.raises(InvalidInput) as caught:
         engine.run([request])
     assert [(e.field, e.item) for e in caught.value.errors] == [(field, "item-3")]
+
+
+@pytest.mark.parametrize("size", [(2, 1), (1, 2), (7, 1), (200, 3)])
+def test_fill_works_on_images_thinner_than_its_context(engine: ClassicalFillEngine, size: tuple[int, int]) -> None:
+    image = Image.new("RGB", size, (200, 40, 10))
+    image.putpixel((0, 0), (0, 0, 0))
+    mask = Image.new("L", size)
+    mask.putpixel((0, 0), 255)
+    result = engine.run([ImageRequest(kind="inpaint", mode="fill", image=image, mask=mask)])[0].image
+    assert result.size == size
+    assert result.getpixel((0, 0)) != (0, 0, 0)  # filled from its neighbour, not left as it was
+
+
+def test_a_mask_drawn_in_the_alpha_channel_masks_only_that_region(engine: ClassicalFillEngine) -> None:
+    image = photo("rocket").resize((64, 64))
+    alpha = _square_mask(64, 16)
+    white = Image.new("RGBA", (64, 64), (255, 255, 255, 0))
+    white.putalpha(alpha)  # white everywhere; the region is where it is opaque
+    result = engine.run([ImageRequest(kind="inpaint", mode="fill", image=image, mask=white)])[0].image
+    outside = np.asarray(result)[16:, 16:]
+    assert np.array_equal(outside, np.asarray(image)[16:, 16:])
+    assert not np.array_equal(np.asarray(result)[:16, :16], np.asarray(image)[:16, :16])
 
 
 def test_lanczos_upscales_by_the_requested_scale() -> None:

@@ -12,7 +12,7 @@ import yaml
 from core.settings import Settings
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
-APP_SERVICES = ("api", "beat")
+APP_SERVICES = ("api", "control")
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +81,16 @@ def test_each_worker_owns_one_distinct_gpu_and_name(services: dict[str, dict[str
     assert len(set(names)) == len(names), f"two workers share a node name: {names}"
 
 
-def test_beat_runs_the_reconciler_schedule(services: dict[str, dict[str, Any]]) -> None:
-    assert _command(services["beat"]).startswith("celery -A workers.app beat")
+def test_one_control_process_runs_the_reconciler_and_beat(services: dict[str, dict[str, Any]]) -> None:
+    command = _command(services["control"])
+    assert command.startswith("celery -A workers.control worker")
+    assert "-Q control" in command and "--pool threads" in command and "--beat" in command
+    beats = [name for name, service in services.items() if "--beat" in _command(service)
+             or " beat" in _command(service).split(" worker")[0]]
+    assert beats == ["control"]
+    for worker in _workers(services).values():  # inference workers never take control work
+        queues = re.search(r"-Q (\S+)", _command(worker))
+        assert queues and "control" not in queues.group(1).split(",")
 
 
 def test_backing_services_and_api_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:
@@ -102,3 +110,17 @@ def test_createbucket_makes_the_configured_bucket(services: dict[str, dict[str, 
     made = re.findall(r"mc mb (?:--ignore-existing )?local/([\w.-]+)", _command(services["createbucket"]))
     assert made == [_environment(services["api"])["STEP1X_S3_BUCKET"]]
     assert services["createbucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+
+
+def test_prometheus_scrapes_the_api_and_every_worker(services: dict[str, dict[str, Any]]) -> None:
+    prometheus = services["prometheus"]
+    [mount] = [v for v in prometheus["volumes"] if v.endswith(":/etc/prometheus/prometheus.yml:ro")]
+    config = yaml.safe_load((COMPOSE.parent / mount.split(":")[0]).read_text())
+    targets = {target for job in config["scrape_configs"] for group in job["static_configs"]
+               for target in group["targets"]}
+    api_port = re.search(r"--port (\d+)", _command(services["api"]))
+    assert api_port and f"api:{api_port.group(1)}" in targets
+    port = _environment(services["api"])["STEP1X_WORKER_METRICS_PORT"]
+    # Each worker is a container of its own (its GPU is device 0 inside), so all serve the same port.
+    assert {f"{name}:{port}" for name in _workers(services)} <= targets
+    assert all(target.split(":")[0] in services for target in targets)

@@ -31,7 +31,7 @@ def test_a_job_over_the_budget_runs_alone(tmp_path):
 
 
 def test_plan_buckets_sizes_and_costs(tmp_path):
-    settings = Settings(data_dir=tmp_path)
+    settings = Settings(data_dir=tmp_path, check_weights_at_submit=False)  # realesrgan-x4 is not pulled here
     (g1, g2, g3, inp, up), errors = parse_items([
         {"custom_id": "1", "kind": "generate", "prompt": "x", "width": 512, "height": 512, "steps": 4},
         {"custom_id": "2", "kind": "generate", "prompt": "y", "width": 500, "height": 520, "steps": 4},
@@ -44,4 +44,5 @@ def test_plan_buckets_sizes_and_costs(tmp_path):
     assert plan(g1, settings)[0] == plan(g2, settings)[0]  # nearby sizes share a bucket
     assert plan(g3, settings) == ("tiny-sd|generate|64x64|5|7.5", 2 * 64 * 64)
     assert plan(inp, settings)[1] == 512 * 512
-    assert plan(up, settings, (100, 50)) == ("realesrgan-x4|upscale|x4", 5000 * 16)  # output pixels
+    upscaler = settings.default_models["upscale"]  # per device kind
+    assert plan(up, settings, (100, 50)) == (f"{upscaler}|upscale|x4", 5000 * 16)  # output pixels

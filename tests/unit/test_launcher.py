@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 
 from workers.launcher import parse_gpus, parse_models, worker_commands
@@ -12,14 +16,18 @@ def test_gpu_selection():
         parse_gpus("0,3", ["0", "1"])
 
 
-def test_one_pinned_named_worker_per_gpu():
-    commands = worker_commands(["0", "1"], beat=True)
+def test_one_pinned_named_worker_per_gpu_and_one_control_process():
+    *commands, control = worker_commands(["0", "1"], control=True)
     assert [env["CUDA_VISIBLE_DEVICES"] for _, _, env in commands] == ["0", "1"]
     names = [name.split("@")[0] for name, _, _ in commands]
     assert names == ["gpu0", "gpu1"]
-    assert "--beat" in commands[0][1] and "--beat" not in commands[1][1]
     for _, argv, _ in commands:
         assert argv[argv.index("--concurrency") + 1] == "1"
+        assert "--beat" not in argv and "workers.app" in argv
+    name, argv, env = control
+    assert name.startswith("control@") and env == {"CUDA_VISIBLE_DEVICES": ""}
+    assert argv[argv.index("-A") + 1] == "workers.control" and argv[argv.index("-Q") + 1] == "control"
+    assert argv[argv.index("--pool") + 1] == "threads" and "--beat" in argv
 
 
 def test_cpu_worker_hides_gpus():
@@ -36,3 +44,9 @@ def test_a_worker_reads_its_models_interactive_queues_before_any_bulk_one():
     assert parse_models(None, ["tiny-sd", "lanczos-x4"]) == ["lanczos-x4", "tiny-sd"]
     with pytest.raises(ValueError, match="unknown profile nope"):
         parse_models("tiny-sd,nope", ["tiny-sd"])
+def test_the_control_process_never_imports_torch(tmp_path):
+    """It must start in a second and stay small: the reconciler never waits for a model library."""
+    code = "import sys, workers.control; print(sorted(m for m in ('torch', 'diffusers', 'cv2') if m in sys.modules))"
+    env = {**os.environ, "STEP1X_DATA_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]"

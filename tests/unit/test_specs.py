@@ -8,7 +8,8 @@ FILE_A, FILE_B = "a" * 64, "b" * 64
 
 @pytest.fixture
 def settings(tmp_path):
-    return Settings(data_dir=tmp_path)
+    # The default upscaler's weights are not pulled here; test_models_without_weights covers that check.
+    return Settings(data_dir=tmp_path, check_weights_at_submit=False)
 
 
 def validate_items(items, settings, **options):
@@ -29,7 +30,7 @@ def test_valid_items_get_model_and_seed(settings):
         {"custom_id": "f", "kind": "inpaint", "mode": "fill", "image": FILE_A, "mask": FILE_B},
         {"custom_id": "u", "kind": "upscale", "image": FILE_A, "seed": 5},
     ], settings)
-    assert [s.model for s in specs] == ["tiny-sd", "classical-fill", "realesrgan-x4"]
+    assert [s.model for s in specs] == ["tiny-sd", "classical-fill", settings.default_models["upscale"]]
     assert all(s.seed is not None for s in specs)
     assert specs[2].seed == 5
 

@@ -1,19 +1,21 @@
-"""batch progress counters, batch dispatch stamp, calibrations
+"""batch progress counters kept by triggers on jobs, batch dispatch stamp, calibrations
 
-Revision ID: 0003_throughput
-Revises: 0002
+Revision ID: 0008_throughput
+Revises: 0003_catalog
 Create Date: 2026-11-28
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0003_throughput"
-down_revision = "0002"
+from core import progress
+
+revision = "0008_throughput"
+down_revision = "0003_catalog"
 branch_labels = None
 depends_on = None
 
-COUNTERS = ("queued", "running", "succeeded", "failed", "canceled")
+COUNTERS = ("queued", "running", "succeeded", "failed", "canceled", "expired")
 
 
 def upgrade() -> None:
@@ -21,13 +23,6 @@ def upgrade() -> None:
         for status in COUNTERS:
             batch_op.add_column(sa.Column(f"{status}_count", sa.Integer(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("dispatched_at", sa.DateTime(), nullable=True))
-    # Existing batches start from their job rows; from here on every transition moves the counters.
-    for status in COUNTERS:
-        op.execute(f"UPDATE batches SET {status}_count = (SELECT count(*) FROM jobs "
-                   f"WHERE jobs.batch_id = batches.id AND jobs.status = '{status}')")
-    with op.batch_alter_table("batches", schema=None) as batch_op:
-        for status in COUNTERS:
-            batch_op.alter_column(f"{status}_count", server_default=None)
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.create_index("ix_jobs_tenant_batch_status", ["tenant_id", "batch_id", "status"], unique=False)
         batch_op.drop_index("ix_jobs_tenant_id")
@@ -43,9 +38,16 @@ def upgrade() -> None:
         sa.Column("measured_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("profile", "device"),
     )
+    # Existing batches start from their job rows; from here on the triggers move the counters. Last,
+    # so that no table rebuild above (SQLite batch mode) can drop or break them.
+    for status in COUNTERS:
+        op.execute(f"UPDATE batches SET {status}_count = (SELECT count(*) FROM jobs "
+                   f"WHERE jobs.batch_id = batches.id AND jobs.status = '{status}')")
+    progress.install(op.get_bind())
 
 
 def downgrade() -> None:
+    progress.uninstall(op.get_bind())
     op.drop_table("calibrations")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.create_index("ix_jobs_tenant_id", ["tenant_id"], unique=False)

@@ -1,0 +1,53 @@
+"""Thumbnails: a small WebP (256 px on the long side) next to each output and input, for pages.
+
+The dashboard shows only these, through presigned URLs, never the full-size images. Keys follow the
+image's own key, so a re-run overwrites its thumbnail like its output, and an input's thumbnail
+(inputs are content-addressed) is written once however many jobs use it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from PIL import Image
+
+from core.storage import Storage
+
+SIZE = 256
+INPUT_FIELDS = ("image", "mask", "edges")
+_written_inputs: set[str] = set()  # input thumbnails this process already stored
+
+
+def thumb_key(output_key: str) -> str:
+    """outputs/{tenant}/{batch}/{job}.png -> thumbs/{tenant}/{batch}/{job}.webp"""
+    stem = output_key.removeprefix("outputs/").rsplit(".", 1)[0]
+    return f"thumbs/{stem}.webp"
+
+
+def input_thumb_key(tenant: str, file_id: str) -> str:
+    return f"thumbs/{tenant}/inputs/{file_id}.webp"
+
+
+def encode(image: Image.Image) -> bytes:
+    small = image.convert("L" if image.mode in ("L", "1") else "RGB")
+    small.thumbnail((SIZE, SIZE))
+    buffer = io.BytesIO()
+    small.save(buffer, format="WEBP", quality=70, method=4)
+    return buffer.getvalue()
+
+
+def store(storage: Storage, tenant: str, spec: dict[str, Any], outputs: Sequence[tuple[str, Image.Image]],
+          load_input: Callable[[str], Image.Image]) -> None:
+    """Thumbnails of a finished job's outputs and, once per process, of its inputs (the "before"
+    of an inpainting's before/after)."""
+    for key, image in outputs:
+        storage.put(thumb_key(key), encode(image), "image/webp")
+    for field in INPUT_FIELDS:
+        file_id = spec.get(field)
+        if isinstance(file_id, str) and (key := input_thumb_key(tenant, file_id)) not in _written_inputs:
+            storage.put(key, encode(load_input(file_id)), "image/webp")
+            if len(_written_inputs) > 100_000:  # bounded: a forgotten key only costs one rewrite
+                _written_inputs.clear()
+            _written_inputs.add(key)

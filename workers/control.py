@@ -1,0 +1,26 @@
+"""The light control process: `celery -A workers.control worker -Q control -P threads --beat`.
+
+It runs the reconciler, webhook deliveries and URL fetches (and the beat that schedules them) apart
+from the inference workers, so recovery never waits behind a micro-batch, and it never imports
+torch: it starts in a second and stays small. Its configuration is the same app as the workers' (`core.dispatch`).
+"""
+
+from __future__ import annotations
+
+from core.dispatch import RECONCILE, app_for
+from core.settings import get_settings
+from workers.reconcile import reconcile
+
+settings = get_settings()
+app = app_for(settings)
+# Where beat keeps its schedule: inside the data folder, not the working directory.
+settings.data_dir.mkdir(parents=True, exist_ok=True)
+app.conf.beat_schedule_filename = str(settings.data_dir / "celerybeat-schedule")
+
+import workers.deliver  # noqa: E402  (webhook deliveries and URL fetches)
+import workers.signals  # noqa: E402,F401  (registers timing/logging hooks)
+
+
+@app.task(name=RECONCILE)
+def reconcile_task() -> dict[str, int]:
+    return reconcile(get_settings())

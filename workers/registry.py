@@ -1,0 +1,132 @@
+"""Each worker process records itself in the `workers` table every few seconds: who it is, what it
+computes on, the micro-batch in hand, how much it has done and how much memory it holds.
+
+The dashboard reads the rows; the reconciler reads `heartbeat_at` to tell a dead worker from a busy
+one and takes a dead worker's running jobs back at once, without waiting for their lease.
+
+The row is written from the pool process that runs the micro-batches (Celery's prefork child,
+concurrency 1), so a killed child stops its heartbeat even while the parent lives on, and the
+child that replaces it takes the row over under the same name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
+from sqlalchemy import insert, update
+
+from core.db import session_scope
+from core.settings import Settings, get_settings
+from core.tables import WorkerRow, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def _rss_bytes() -> int | None:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Presence:
+    """This process's row in the workers table, refreshed by a daemon thread."""
+
+    def __init__(self, settings: Settings, name: str, queues: Sequence[str]) -> None:
+        self.settings = settings
+        self.name = name
+        self.queues = list(queues)
+        self.started_at = utcnow()
+        self.images_done = 0
+        self.current: dict[str, Any] | None = None
+        # Set by the task module once the engine registry exists: the profiles loaded now.
+        self.profiles: Callable[[], list[str]] = list
+        self._device: tuple[str, int | None] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="worker-heartbeat", daemon=True)
+
+    @contextmanager
+    def holding(self, job_ids: Sequence[str], model: str) -> Iterator[None]:
+        self.current = {"job_ids": list(job_ids), "model": model, "since": utcnow().isoformat() + "Z"}
+        try:
+            yield
+        finally:
+            self.current = None
+
+    def _fields(self) -> dict[str, Any]:
+        from models.device import allocated_bytes, describe_device  # torch: only in worker processes
+
+        if self._device is None:
+            self._device = describe_device()
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self._device[0],
+                "device_memory_bytes": self._device[1], "queues": self.queues, "profiles": self.profiles(),
+                "current": self.current, "images_done": self.images_done, "rss_bytes": _rss_bytes(),
+                "gpu_memory_bytes": allocated_bytes(), "heartbeat_at": utcnow()}
+
+    def beat(self, stopped: bool = False) -> None:
+        """Upsert the row. `draining` is left alone: operators set it."""
+        fields = {**self._fields(), "stopped_at": utcnow() if stopped else None}
+        with session_scope(self.settings.database_url) as session:
+            updated = session.execute(update(WorkerRow).where(WorkerRow.name == self.name)
+                                      .values(**fields, started_at=self.started_at))
+            if not updated.rowcount:  # type: ignore[attr-defined]
+                session.execute(insert(WorkerRow).values(name=self.name, started_at=self.started_at,
+                                                         draining=False, **fields))
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.beat()
+            except Exception as exc:  # the database is down: the next beat tries again
+                log.warning("worker heartbeat of %s not recorded: %s", self.name, exc)
+            if self._stop.wait(self.settings.heartbeat_interval):
+                return
+
+    def start(self) -> Presence:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        try:
+            self.beat(stopped=True)
+        except Exception as exc:
+            log.warning("worker %s could not record its shutdown: %s", self.name, exc)
+
+
+_node: dict[str, Any] = {}
+_presence: Presence | None = None
+
+
+def current() -> Presence | None:
+    """This process's presence, when it is a worker's pool process."""
+    return _presence
+
+
+@celeryd_after_setup.connect
+def _remember_node(sender: str, instance: Any, **_: Any) -> None:
+    # In the worker's main process, before the pool forks: the children inherit it.
+    _node["name"] = sender
+    _node["queues"] = sorted(instance.app.amqp.queues.consume_from or instance.app.amqp.queues)
+
+
+@worker_process_init.connect
+def _start(**_: Any) -> None:
+    global _presence
+    if "name" in _node:
+        _presence = Presence(get_settings(), _node["name"], _node["queues"]).start()
+
+
+@worker_process_shutdown.connect
+def _stop(**_: Any) -> None:
+    if _presence is not None:
+        _presence.stop()
