@@ -20,7 +20,8 @@ from tests.integration.helpers import png
 pytestmark = pytest.mark.integration
 
 ID = "0123456789abcdef" * 2
-PATH_IDS = {"job_id": f"job_{ID}", "batch_id": f"bat_{ID}", "file_id": ID * 2}
+PATH_IDS = {"job_id": f"job_{ID}", "batch_id": f"bat_{ID}", "file_id": ID * 2, "endpoint_id": f"whe_{ID}",
+            "delivery_id": f"msg_{ID}"}
 JOB = {"kind": "generate", "prompt": "a mug", "width": 64, "height": 64}
 
 
