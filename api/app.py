@@ -63,7 +63,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
 
     errors.install(app, settings)
     app.add_middleware(RequestGuard, settings=settings)
-    app.openapi = partial(_openapi_with_job_specs, app)
+    app.openapi = partial(_openapi_with_job_specs, app)  # type: ignore[method-assign]
     return app
 
 
