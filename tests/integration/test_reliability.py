@@ -13,7 +13,7 @@ from sqlalchemy import select, update
 
 from core.db import session_scope
 from core.storage import Storage
-from core.tables import Job, ReconcilerRun, WorkerRow, utcnow
+from core.tables import Batch, Job, ReconcilerRun, WorkerRow, utcnow
 from models.profiles import Registry
 from tests.integration.helpers import api_client, png, upload
 from workers.batch import MicroBatch, Outcome, claim, finish
@@ -93,7 +93,7 @@ def test_the_reconciler_recovers_a_dead_workers_jobs_before_their_lease_ends(set
         assert (job(settings, lost).status, job(settings, lost).attempts) == ("queued", 1)
     assert (job(settings, abandoned_job).status, job(settings, abandoned_job).attempts) == ("queued", 0)
     assert job(settings, busy_job).status == "running"
-    assert redis.Redis.from_url(settings.redis_url).llen("bulk") >= 1  # sent again at once
+    assert redis.Redis.from_url(settings.redis_url).llen("bulk.lanczos-x4") >= 1  # sent again at once
 
 
 def test_the_heartbeat_records_the_worker_and_its_shutdown(settings):
@@ -186,8 +186,9 @@ def test_a_replayed_submission_dispatches_what_its_first_try_left_unsent(setting
     broker.flushdb()
     with session_scope(settings.database_url) as session:
         session.execute(update(Job).where(Job.batch_id == batch_id).values(dispatched_at=None))
+        session.execute(update(Batch).where(Batch.id == batch_id).values(dispatched_at=None))
     assert batch_of(client, items, **{"Idempotency-Key": "k1"}) == batch_id
-    assert broker.llen("bulk") == 1
+    assert broker.llen("bulk.lanczos-x4") == 1
     assert all(job(settings, j).dispatched_at is not None for j in job_ids(settings, batch_id))
 
 
