@@ -80,8 +80,8 @@ class JobOut(BaseModel):
     progress: float = Field(description="0..1 while it runs (diffusion steps, upscale tiles); 1 when it succeeded")
     error: str | None
     error_code: str | None = Field(
-        description="why it failed or stopped: invalid_input, model_unavailable, engine_error, outage, expired, "
-                    "worker_lost or canceled")
+        description="why it failed or stopped: invalid_input, input_fetch_failed, model_unavailable, "
+                    "engine_error, outage, expired, worker_lost or canceled")
     retryable: bool | None = Field(description="whether the same job sent again could succeed")
     outputs: list[Output] = Field(description="empty until it succeeds, and again once its outputs were "
                                               "deleted (output_ttl)")

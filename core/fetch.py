@@ -30,7 +30,7 @@ from core.files import store_file
 from core.jobs import complete_batches
 from core.settings import Settings, get_settings
 from core.specs import AnySpec, input_files, parse_item
-from core.status import JobStatus
+from core.status import ErrorCode, JobStatus, failure
 from core.storage import Storage
 from core.tables import InputFetch, Job, utcnow
 
@@ -140,15 +140,18 @@ def download(http: httpx.Client, url: str, settings: Settings) -> bytes:
 
 def _fetch_and_store(settings: Settings, storage: Storage, http: httpx.Client, tenant: str, url: str
                      ) -> tuple[str, str]:
-    """('ok', file id) or ('retry' | 'fail', why)."""
+    """('ok', file id), ('retry' | 'fail', why the download failed) or ('invalid', why the bytes
+    that arrived are not a usable image)."""
     try:
         data = download(http, url, settings)
         with session_scope(settings.database_url) as session:
             return "ok", store_file(session, storage, tenant, data, settings).id
     except Transient as exc:
         return "retry", str(exc)
-    except (Permanent, InvalidInput) as exc:
-        return "fail", str(exc.errors[0].message if isinstance(exc, InvalidInput) else exc)
+    except Permanent as exc:
+        return "fail", str(exc)
+    except InvalidInput as exc:
+        return "invalid", exc.errors[0].message
 
 
 def _claim(session: Session, settings: Settings, resource: str) -> list[InputFetch]:
@@ -190,7 +193,7 @@ def run(settings: Settings, storage: Storage, resource: str) -> int:
 def _apply(session: Session, settings: Settings, claimed: Sequence[InputFetch],
            results: dict[str, tuple[str, str]]) -> list[dispatch.Planned]:
     now = utcnow()
-    failed: dict[str, str] = {}
+    failed: dict[str, tuple[ErrorCode, str]] = {}
     jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_({r.job_id for r in claimed}),
                                                                       Job.status == JobStatus.QUEUED))}
     for row in claimed:
@@ -208,21 +211,22 @@ def _apply(session: Session, settings: Settings, claimed: Sequence[InputFetch],
                 attempts=row.attempts + 1, last_error=detail, next_attempt_at=now + timedelta(seconds=delay)))
         else:
             tries = f" (after {row.attempts + 1} attempts)" if outcome == "retry" else ""
-            failed.setdefault(row.job_id, f"{row.field}: {row.url} {detail}{tries}")
+            code = ErrorCode.INVALID_INPUT if outcome == "invalid" else ErrorCode.INPUT_FETCH_FAILED
+            failed.setdefault(row.job_id, (code, f"{row.field}: {row.url} {detail}{tries}"))
     ready: list[dispatch.Planned] = []
     for job in jobs.values():
         if job.id in failed or session.scalar(select(InputFetch.field).where(InputFetch.job_id == job.id).limit(1)):
             continue
         problem, planned = _plan(session, settings, job)
         if problem:
-            failed[job.id] = problem
+            failed[job.id] = (ErrorCode.INVALID_INPUT, problem)
         elif planned:
             ready.append(planned)
     if failed:
         session.execute(delete(InputFetch).where(InputFetch.job_id.in_(list(failed))))
-        for job_id, error in failed.items():
+        for job_id, (code, error) in failed.items():
             session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-                            .values(status=JobStatus.FAILED, error=error, finished_at=now))
+                            .values(status=JobStatus.FAILED, error=error, finished_at=now, **failure(code)))
         complete_batches(session, {j.batch_id for j in jobs.values() if j.id in failed and j.batch_id})
         events.jobs_ended(session, Job.id.in_(list(failed)), Job.finished_at == now)
     return ready

@@ -103,6 +103,11 @@ def test_url_inputs_are_fetched_once_checked_and_bad_ones_fail_alone(server):
     assert "HTTP 302" in errors["moved"] and "redirects are not followed" in errors["moved"]
     assert "timed out" in errors["slow"] and "2 attempts" in errors["slow"]
     assert "mask is 20x20 but image is 48x32" in errors["sizes"]
+    # A download that failed may succeed once the server serves the photo; bytes that arrived but are
+    # not a usable image will not.
+    codes = {name: (job.error_code, job.retryable) for name, job in jobs.items() if job.status == "failed"}
+    assert codes == {**{n: ("input_fetch_failed", True) for n in ("missing", "big", "moved", "slow")},
+                     **{n: ("invalid_input", False) for n in ("text", "sizes")}}
     with session_scope(settings.database_url) as session:
         assert session.scalars(select(InputFetch)).all() == []
     ready = [jobs[name] for name in ("photo", "same-photo", "fill")]
