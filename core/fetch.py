@@ -192,7 +192,7 @@ def run(settings: Settings, storage: Storage, resource: str) -> int:
 
 def _apply(session: Session, settings: Settings, claimed: Sequence[InputFetch],
            results: dict[str, tuple[str, str]]) -> list[dispatch.Planned]:
-    now = utcnow()
+    now = utcnow()  # the retry times
     failed: dict[str, tuple[ErrorCode, str]] = {}
     jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_({r.job_id for r in claimed}),
                                                                       Job.status == JobStatus.QUEUED))}
@@ -213,8 +213,15 @@ def _apply(session: Session, settings: Settings, claimed: Sequence[InputFetch],
             tries = f" (after {row.attempts + 1} attempts)" if outcome == "retry" else ""
             code = ErrorCode.INVALID_INPUT if outcome == "invalid" else ErrorCode.INPUT_FETCH_FAILED
             failed.setdefault(row.job_id, (code, f"{row.field}: {row.url} {detail}{tries}"))
+    return _settle(session, settings, list(jobs.values()), failed)
+
+
+def _settle(session: Session, settings: Settings, jobs: Sequence[Job], failed: dict[str, tuple[ErrorCode, str]]
+            ) -> list[dispatch.Planned]:
+    """Fail the `failed` jobs; plan those with no input left to fetch and return them for dispatch."""
+    now = utcnow()
     ready: list[dispatch.Planned] = []
-    for job in jobs.values():
+    for job in jobs:
         if job.id in failed or session.scalar(select(InputFetch.field).where(InputFetch.job_id == job.id).limit(1)):
             continue
         problem, planned = _plan(session, settings, job)
@@ -227,9 +234,24 @@ def _apply(session: Session, settings: Settings, claimed: Sequence[InputFetch],
         for job_id, (code, error) in failed.items():
             session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
                             .values(status=JobStatus.FAILED, error=error, finished_at=now, **failure(code)))
-        complete_batches(session, {j.batch_id for j in jobs.values() if j.id in failed and j.batch_id})
+        complete_batches(session, {j.batch_id for j in jobs if j.id in failed and j.batch_id})
         events.jobs_ended(session, Job.id.in_(list(failed)), Job.finished_at == now)
     return ready
+
+
+def requeue(session: Session, settings: Settings, planned: Sequence[dispatch.Planned]) -> list[dispatch.Planned]:
+    """Jobs an operator queued again: those that never got past the fetch stage go back to it (each
+    input still named by URL is fetched again once this commits; a job whose inputs all arrived is
+    checked and planned anew). Returns what to dispatch now."""
+    waiting = [p.id for p in planned if p.group_key == WAITING]
+    if not waiting:
+        return list(planned)
+    jobs = list(session.scalars(select(Job).where(Job.id.in_(waiting), Job.status == JobStatus.QUEUED)))
+    now = utcnow()
+    record(session, [{"id": j.id, "tenant_id": j.tenant_id, "batch_id": j.batch_id, "spec": j.spec,
+                      "group_key": WAITING, "created_at": now} for j in jobs])
+    session.flush()
+    return [p for p in planned if p.group_key != WAITING] + _settle(session, settings, jobs, {})
 
 
 def _plan(session: Session, settings: Settings, job: Job) -> tuple[str | None, dispatch.Planned | None]:

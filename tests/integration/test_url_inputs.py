@@ -120,6 +120,19 @@ def test_url_inputs_are_fetched_once_checked_and_bad_ones_fail_alone(server):
     batch = client.get(f"/v1/batches/{batch_id}").json()
     assert (batch["status"], batch["counts"]["succeeded"], batch["counts"]["failed"]) == ("completed", 3, 6)
 
+    # The missing photo is published; an operator's retry sends the URL jobs back to the fetch stage.
+    server.answer = lambda seen: (200, {}, PHOTO) if seen.path == "/gone.png" else serve(seen)
+    assert client.post(f"/v1/batches/{batch_id}/retry").json()["retried"] == 6
+    jobs = jobs_of(settings, batch_id)
+    assert (jobs["sizes"].status, jobs["sizes"].error_code) == ("failed", "invalid_input")  # checked again at once
+    fetch.run(settings, Storage(settings), batch_id)
+    jobs = jobs_of(settings, batch_id)
+    assert jobs["missing"].status == "queued" and jobs["missing"].dispatched_at is not None
+    assert jobs["missing"].spec["image"] == ready[0].spec["image"]  # the same bytes: the same stored file
+    assert {n for n, j in jobs.items() if j.status == "failed"} == {"sizes", "big", "text", "moved", "slow"}
+    MicroBatch(settings, Storage(settings), Registry(settings).get, worker="test@host").run([jobs["missing"].id])
+    assert client.get(f"/v1/batches/{batch_id}").json()["counts"]["succeeded"] == 4
+
 
 def test_the_control_process_fetches_and_dispatches_a_url_job(server, control, tmp_path: Path):
     settings = get_settings()
