@@ -3,6 +3,7 @@ client before dispatch, stored like uploads; a bad URL fails only its own item."
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -139,7 +140,8 @@ def test_the_control_process_fetches_and_dispatches_a_url_job(server, control, t
     client = api_client(settings)
     items = [{"custom_id": "a", "kind": "upscale", "model": "lanczos-x4", "image": f"{server.url}/photo.png"}]
     with Client("http://127.0.0.1:9", "unused") as cli:  # `step1x submit` uploads paths, passes URLs on
-        assert cli.resolve_files([dict(item) for item in items], tmp_path) == items
+        manifest = "".join(json.dumps(item) + "\n" for item in items)
+        assert cli.resolve_files(manifest, tmp_path) == manifest
     batch = client.post("/v1/batches", json={"items": items}).json()
     [job] = jobs_of(settings, batch["id"]).values()
     assert job.spec["image"] == f"{server.url}/photo.png"
