@@ -108,12 +108,7 @@ def bench_dashboard(workdir: Path) -> list[dict[str, Any]]:
     from core.settings import Settings
 
     with start_postgres(workdir / "dashboard-pg") as postgres:
-        url = postgres.url
-        admin = create_engine(url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE bench_dashboard"))
-        admin.dispose()
-        url = url.rsplit("/", 1)[0] + "/bench_dashboard"
+        url = postgres.create_database("bench_dashboard")
         upgrade(url)
         running = seed(url)
         settings = Settings(database_url=url, data_dir=workdir / "dashboard-data", s3_endpoint_url="http://127.0.0.1:9")

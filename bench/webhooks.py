@@ -26,7 +26,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import text
 
 console = Console()
 THREADS = 16
@@ -78,14 +77,7 @@ def stack(workdir: Path) -> Iterator[Any]:
     with ExitStack() as stop:
         redis = stop.enter_context(start_redis(workdir))
         postgres = stop.enter_context(start_postgres(workdir))
-        admin = postgres.url
-        from sqlalchemy import create_engine
-
-        engine = create_engine(admin, isolation_level="AUTOCOMMIT")
-        with engine.connect() as conn:
-            conn.execute(text("CREATE DATABASE bench"))
-        engine.dispose()
-        database = admin.rsplit("/", 1)[0] + "/bench"
+        database = postgres.create_database("bench")
         env = {"STEP1X_DATABASE_URL": database, "STEP1X_REDIS_URL": redis.url, "STEP1X_DATA_DIR": str(workdir),
                "STEP1X_OUTBOUND_ALLOW": "127.0.0.1/32", "STEP1X_OUTBOUND_DUE_INTERVAL": "1"}
         os.environ.update(env)  # the in-process kick after each commit reads the same settings

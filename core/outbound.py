@@ -117,6 +117,10 @@ def check_url(url: str, settings: Settings, field: str = "url") -> Target:
     if len(url) > 2000:
         raise Refused("URL longer than 2000 characters", field)
     try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise Refused("the host name is not a valid domain name", field) from None
+    try:
         addresses = checked_addresses(parts.hostname, port, settings)
     except Refused as exc:
         raise Refused(exc.reason, field) from None

@@ -30,6 +30,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 import psycopg
+from psycopg import sql
 
 from core.errors import ServiceUnavailable
 
@@ -62,6 +63,14 @@ class ChildService:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def create_database(self, name: str) -> str:
+        """A new, empty database on this PostgreSQL server; returns its URL."""
+        assert self.name == "postgres", "only a PostgreSQL service holds databases"
+        with psycopg.connect(host=LOOPBACK, port=self.port, user="postgres", dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def log_tail(self, lines: int = 30) -> str:
         try:

@@ -47,23 +47,24 @@ def presign(storage: Storage, key: str) -> str:
     return url
 
 
-def find_batch(session: Session, viewer: Viewer, batch_id: str) -> Batch:
-    query = select(Batch).where(Batch.id == batch_id)
+def _find(session: Session, viewer: Viewer, row: type[Batch] | type[Job], what: str, row_id: str) -> Any:
+    """A batch or job the viewer may see; any other id is NotFound, whether or not it exists."""
+    query = select(row).where(row.id == row_id)
     if viewer.scope is not None:
-        query = query.where(Batch.tenant_id == viewer.scope)
-    batch = session.scalar(query)
-    if batch is None:
-        raise NotFound(f"batch {batch_id} not found")
+        query = query.where(row.tenant_id == viewer.scope)
+    found = session.scalar(query)
+    if found is None:
+        raise NotFound(f"{what} {row_id} not found")
+    return found
+
+
+def find_batch(session: Session, viewer: Viewer, batch_id: str) -> Batch:
+    batch: Batch = _find(session, viewer, Batch, "batch", batch_id)
     return batch
 
 
 def find_job(session: Session, viewer: Viewer, job_id: str) -> Job:
-    query = select(Job).where(Job.id == job_id)
-    if viewer.scope is not None:
-        query = query.where(Job.tenant_id == viewer.scope)
-    job = session.scalar(query)
-    if job is None:
-        raise NotFound(f"job {job_id} not found")
+    job: Job = _find(session, viewer, Job, "job", job_id)
     return job
 
 

@@ -209,9 +209,15 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         _wait_status(acme, later, "completed")
 
         # The worker's own metrics: micro-batch sizes and images produced, as the database says.
-        families = {f.name: f for f in text_string_to_metric_families(
-            httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text)}
-        images = sum(s.value for s in families["step1x_images_produced"].samples if s.name.endswith("_total"))
+        # The worker counts a micro-batch after recording it in the database: wait for the count.
+        deadline = time.monotonic() + 20
+        while True:
+            families = {f.name: f for f in text_string_to_metric_families(
+                httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text)}
+            images = sum(s.value for s in families["step1x_images_produced"].samples if s.name.endswith("_total"))
+            if images == 36 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         with session_scope(settings.database_url) as session:
             succeeded = session.scalar(select(func.count()).where(Job.status == "succeeded"))
         assert images == succeeded == 36

@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 
 from api.app import create_app
 from core.db import session_scope, upgrade
@@ -20,7 +18,8 @@ from tests.integration.helpers import png
 pytestmark = pytest.mark.integration
 
 ID = "0123456789abcdef" * 2
-PATH_IDS = {"job_id": f"job_{ID}", "batch_id": f"bat_{ID}", "file_id": ID * 2}
+PATH_IDS = {"job_id": f"job_{ID}", "batch_id": f"bat_{ID}", "file_id": ID * 2, "endpoint_id": f"whe_{ID}",
+            "delivery_id": f"msg_{ID}"}
 JOB = {"kind": "generate", "prompt": "a mug", "width": 64, "height": 64}
 
 
@@ -43,11 +42,7 @@ def request_for(client: TestClient, method: str, path: str) -> tuple[int, dict[s
 
 def test_every_route_answers_503_while_the_database_is_down(settings: Settings, service_workdir: Path) -> None:
     with start_postgres(service_workdir) as postgres:
-        admin = create_engine(postgres.url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text("CREATE DATABASE outage"))
-        admin.dispose()
-        url = make_url(postgres.url).set(database="outage").render_as_string(False)
+        url = postgres.create_database("outage")
         upgrade(url)
         with session_scope(url) as session:
             key = create_key(session, "acme")

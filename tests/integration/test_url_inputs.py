@@ -141,7 +141,7 @@ def test_the_control_process_fetches_and_dispatches_a_url_job(server, control, t
     items = [{"custom_id": "a", "kind": "upscale", "model": "lanczos-x4", "image": f"{server.url}/photo.png"}]
     with Client("http://127.0.0.1:9", "unused") as cli:  # `step1x submit` uploads paths, passes URLs on
         manifest = "".join(json.dumps(item) + "\n" for item in items)
-        assert cli.resolve_files(manifest, tmp_path) == manifest
+        assert [json.loads(line) for line in cli.resolve_files(manifest, tmp_path).splitlines()] == items
     batch = client.post("/v1/batches", json={"items": items}).json()
     [job] = jobs_of(settings, batch["id"]).values()
     assert job.spec["image"] == f"{server.url}/photo.png"

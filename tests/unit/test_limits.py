@@ -73,7 +73,7 @@ def test_models_without_weights_are_refused_at_submit(tmp_path):
     item = {"custom_id": "u", "kind": "upscale", "image": "a" * 64}
     _, errors = parse_items([item], settings)
     assert [(e.item, e.field) for e in errors] == [("u", "model")] and "not installed" in errors[0].message
-    weights = settings.models["realesrgan-x4"].weights
+    weights = settings.models[settings.default_models["upscale"]].weights  # the default upscaler
     assert weights is not None
     (tmp_path / "models").mkdir()
     open(weights, "wb").close()
