@@ -16,7 +16,7 @@ from core.db import session_scope
 from core.services import free_port
 from core.settings import Settings, get_settings
 from core.storage import Storage
-from core.tables import InputFetch, Job
+from core.tables import InputFetch, Job, WebhookEvent
 from models.profiles import Registry
 from step1x.client import Client
 from tests.integration import receiver as fixtures
@@ -83,6 +83,8 @@ def test_url_inputs_are_fetched_once_checked_and_bad_ones_fail_alone(server):
         {"custom_id": "moved", **up, "image": f"{server.url}/moved.png"},
         {"custom_id": "slow", **up, "image": f"{server.url}/slow.png"},
     ]
+    hook = client.post("/v1/webhooks", json={"url": f"{server.url}/hook", "events": ["job.failed", "job.succeeded"]})
+    assert hook.status_code == 201, hook.text
     started = time.monotonic()
     response = client.post("/v1/batches", json={"items": items})
     assert response.status_code == 202, response.text
@@ -133,6 +135,14 @@ def test_url_inputs_are_fetched_once_checked_and_bad_ones_fail_alone(server):
     assert {n for n, j in jobs.items() if j.status == "failed"} == {"sizes", "big", "text", "moved", "slow"}
     MicroBatch(settings, Storage(settings), Registry(settings).get, worker="test@host").run([jobs["missing"].id])
     assert client.get(f"/v1/batches/{batch_id}").json()["counts"]["succeeded"] == 4
+    # Each ending of a retried job is announced, numbered in order.
+    with session_scope(settings.database_url) as session:
+        events = session.execute(select(WebhookEvent.resource_id, WebhookEvent.type, WebhookEvent.sequence)
+                                 .order_by(WebhookEvent.sequence)).all()
+    announced = {(r, t, n) for r, t, n in events}
+    assert {(t, n) for r, t, n in announced if r == jobs["sizes"].id} == {("job.failed", 1), ("job.failed", 2)}
+    assert {(t, n) for r, t, n in announced if r == jobs["missing"].id} == {("job.failed", 1), ("job.succeeded", 2)}
+    assert {(t, n) for r, t, n in announced if r == jobs["photo"].id} == {("job.succeeded", 1)}
 
 
 def test_the_control_process_fetches_and_dispatches_a_url_job(server, control, tmp_path: Path):
