@@ -80,8 +80,8 @@ class JobOut(BaseModel):
     progress: float = Field(description="0..1 while it runs (diffusion steps, upscale tiles); 1 when it succeeded")
     error: str | None
     error_code: str | None = Field(
-        description="why it failed or stopped: invalid_input, model_unavailable, engine_error, outage, expired, "
-                    "worker_lost or canceled")
+        description="why it failed or stopped: invalid_input, input_fetch_failed, model_unavailable, "
+                    "engine_error, outage, expired, worker_lost or canceled")
     retryable: bool | None = Field(description="whether the same job sent again could succeed")
     outputs: list[Output] = Field(description="empty until it succeeds, and again once its outputs were "
                                               "deleted (output_ttl)")
@@ -148,7 +148,7 @@ class BatchOut(BaseModel):
     status: str
     total: int
     counts: dict[str, int]
-    progress: float = Field(description="finished jobs / total, 0..1")
+    progress: float = Field(description="(finished jobs + how far the running ones are) / total, 0..1")
     metadata: dict[str, Any]
     created_at: str | None
     started_at: str | None = Field(description="when a worker first took one of its jobs")
@@ -162,11 +162,12 @@ class BatchOut(BaseModel):
                                                     "skip the sum: read the batch for it)")
 
     @classmethod
-    def of(cls, batch: Batch, status: str, counts: dict[str, int], usage: dict[str, Any] | None = None
-           ) -> BatchOut:
-        done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "canceled", "expired"))
+    def of(cls, batch: Batch, status: str, counts: dict[str, int], usage: dict[str, Any] | None = None,
+           running: float = 0.0) -> BatchOut:
+        """`running` is how far its running jobs are (jobs.running_progress); listings leave it 0."""
+        done = sum(counts.get(s, 0) for s in ("succeeded", "failed", "canceled", "expired")) + running
         return cls(id=batch.id, status=status, total=batch.total, counts=counts,
-                   progress=round(done / batch.total, 4) if batch.total else 1.0, metadata=batch.metadata_,
+                   progress=min(1.0, round(done / batch.total, 4)) if batch.total else 1.0, metadata=batch.metadata_,
                    created_at=_z(batch.created_at), started_at=_z(batch.started_at),
                    finished_at=_z(batch.finished_at), canceled_at=_z(batch.canceled_at),
                    expires_at=_z(batch.expires_at), completion_window=human(batch.completion_window),

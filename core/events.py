@@ -127,7 +127,10 @@ def jobs_ended(session: Session, *criteria: Any) -> None:
         _destinations(session, g.tenant_id, t, callbacks.get(g.batch_id), True) for t in JOB_EVENTS)]
     for group in wanted:
         in_group = Job.batch_id.is_(None) if group.batch_id is None else Job.batch_id == group.batch_id
-        announced = select(WebhookEvent.id).where(WebhookEvent.resource_id == Job.id).exists()
+        # Announced means: for this ending. A job retried after it ended is announced again when it
+        # ends again (its finished_at is newer than every earlier event of it).
+        announced = select(WebhookEvent.id).where(WebhookEvent.resource_id == Job.id,
+                                                  WebhookEvent.created_at >= Job.finished_at).exists()
         jobs = session.scalars(select(Job).where(*criteria, in_group, Job.tenant_id == group.tenant_id,
                                                  Job.status.in_(TERMINAL), ~announced)).all()
         own = _callbacks(session, [j.id for j in jobs]) if group.batch_id is None else {}
@@ -136,7 +139,8 @@ def jobs_ended(session: Session, *criteria: Any) -> None:
             callback = own.get(job.id) if group.batch_id is None else callbacks.get(group.batch_id)
             destinations = _destinations(session, job.tenant_id, type_, callback, group.batch_id is not None)
             if destinations:
-                emit(session, job.tenant_id, type_, job.id, job_data(job), destinations, 1)
+                emit(session, job.tenant_id, type_, job.id, job_data(job), destinations,
+                     _next_sequence(session, job.id))
     batch_progress(session, batch_ids)
 
 

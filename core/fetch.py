@@ -30,7 +30,7 @@ from core.files import store_file
 from core.jobs import complete_batches
 from core.settings import Settings, get_settings
 from core.specs import AnySpec, input_files, parse_item
-from core.status import JobStatus
+from core.status import ErrorCode, JobStatus, failure
 from core.storage import Storage
 from core.tables import InputFetch, Job, utcnow
 
@@ -140,15 +140,18 @@ def download(http: httpx.Client, url: str, settings: Settings) -> bytes:
 
 def _fetch_and_store(settings: Settings, storage: Storage, http: httpx.Client, tenant: str, url: str
                      ) -> tuple[str, str]:
-    """('ok', file id) or ('retry' | 'fail', why)."""
+    """('ok', file id), ('retry' | 'fail', why the download failed) or ('invalid', why the bytes
+    that arrived are not a usable image)."""
     try:
         data = download(http, url, settings)
         with session_scope(settings.database_url) as session:
             return "ok", store_file(session, storage, tenant, data, settings).id
     except Transient as exc:
         return "retry", str(exc)
-    except (Permanent, InvalidInput) as exc:
-        return "fail", str(exc.errors[0].message if isinstance(exc, InvalidInput) else exc)
+    except Permanent as exc:
+        return "fail", str(exc)
+    except InvalidInput as exc:
+        return "invalid", exc.errors[0].message
 
 
 def _claim(session: Session, settings: Settings, resource: str) -> list[InputFetch]:
@@ -189,8 +192,8 @@ def run(settings: Settings, storage: Storage, resource: str) -> int:
 
 def _apply(session: Session, settings: Settings, claimed: Sequence[InputFetch],
            results: dict[str, tuple[str, str]]) -> list[dispatch.Planned]:
-    now = utcnow()
-    failed: dict[str, str] = {}
+    now = utcnow()  # the retry times
+    failed: dict[str, tuple[ErrorCode, str]] = {}
     jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_({r.job_id for r in claimed}),
                                                                       Job.status == JobStatus.QUEUED))}
     for row in claimed:
@@ -208,24 +211,47 @@ def _apply(session: Session, settings: Settings, claimed: Sequence[InputFetch],
                 attempts=row.attempts + 1, last_error=detail, next_attempt_at=now + timedelta(seconds=delay)))
         else:
             tries = f" (after {row.attempts + 1} attempts)" if outcome == "retry" else ""
-            failed.setdefault(row.job_id, f"{row.field}: {row.url} {detail}{tries}")
+            code = ErrorCode.INVALID_INPUT if outcome == "invalid" else ErrorCode.INPUT_FETCH_FAILED
+            failed.setdefault(row.job_id, (code, f"{row.field}: {row.url} {detail}{tries}"))
+    return _settle(session, settings, list(jobs.values()), failed)
+
+
+def _settle(session: Session, settings: Settings, jobs: Sequence[Job], failed: dict[str, tuple[ErrorCode, str]]
+            ) -> list[dispatch.Planned]:
+    """Fail the `failed` jobs; plan those with no input left to fetch and return them for dispatch."""
+    now = utcnow()
     ready: list[dispatch.Planned] = []
-    for job in jobs.values():
+    for job in jobs:
         if job.id in failed or session.scalar(select(InputFetch.field).where(InputFetch.job_id == job.id).limit(1)):
             continue
         problem, planned = _plan(session, settings, job)
         if problem:
-            failed[job.id] = problem
+            failed[job.id] = (ErrorCode.INVALID_INPUT, problem)
         elif planned:
             ready.append(planned)
     if failed:
         session.execute(delete(InputFetch).where(InputFetch.job_id.in_(list(failed))))
-        for job_id, error in failed.items():
+        for job_id, (code, error) in failed.items():
             session.execute(update(Job).where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-                            .values(status=JobStatus.FAILED, error=error, finished_at=now))
-        complete_batches(session, {j.batch_id for j in jobs.values() if j.id in failed and j.batch_id})
+                            .values(status=JobStatus.FAILED, error=error, finished_at=now, **failure(code)))
+        complete_batches(session, {j.batch_id for j in jobs if j.id in failed and j.batch_id})
         events.jobs_ended(session, Job.id.in_(list(failed)), Job.finished_at == now)
     return ready
+
+
+def requeue(session: Session, settings: Settings, planned: Sequence[dispatch.Planned]) -> list[dispatch.Planned]:
+    """Jobs an operator queued again: those that never got past the fetch stage go back to it (each
+    input still named by URL is fetched again once this commits; a job whose inputs all arrived is
+    checked and planned anew). Returns what to dispatch now."""
+    waiting = [p.id for p in planned if p.group_key == WAITING]
+    if not waiting:
+        return list(planned)
+    jobs = list(session.scalars(select(Job).where(Job.id.in_(waiting), Job.status == JobStatus.QUEUED)))
+    now = utcnow()
+    record(session, [{"id": j.id, "tenant_id": j.tenant_id, "batch_id": j.batch_id, "spec": j.spec,
+                      "group_key": WAITING, "created_at": now} for j in jobs])
+    session.flush()
+    return [p for p in planned if p.group_key != WAITING] + _settle(session, settings, jobs, {})
 
 
 def _plan(session: Session, settings: Settings, job: Job) -> tuple[str | None, dispatch.Planned | None]:

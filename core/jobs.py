@@ -41,6 +41,14 @@ def counts(session: Session, batch_id: str) -> dict[str, int]:
     return {s.value: found.get(s.value, 0) for s in JobStatus}
 
 
+def running_progress(session: Session, batch_id: str) -> float:
+    """How far its running jobs are (the sum of their 0..1 progress), so a batch's progress moves
+    within a job, not only when one ends. Reads only the few running rows (ix_jobs_batch_status)."""
+    total = session.scalar(select(func.sum(Job.progress)).where(Job.batch_id == batch_id,
+                                                                Job.status == JobStatus.RUNNING))
+    return float(total or 0.0)
+
+
 def summary(session: Session, batch: Batch) -> tuple[BatchStatus, dict[str, int]]:
     """Status and counts from the batch row's counters: O(1) whatever the batch's size."""
     per_status = progress.read(session, batch.id)

@@ -12,7 +12,7 @@ import logging
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core import dispatch
+from core import dispatch, fetch
 from core.db import session_scope
 from core.errors import NotFound
 from core.jobs import get_batch
@@ -35,8 +35,10 @@ def retry_failed(settings: Settings, tenant: str, batch_id: str) -> int:
                     error_code=None, retryable=None, progress=0.0, outage_since=None)
             .returning(Job.id, Job.group_key, Job.cost, Job.lane),
             execution_options={"synchronize_session": False})]
+        count = len(planned)
         if planned:
             session.execute(update(Batch).where(Batch.id == batch.id).values(finished_at=None))
+            planned = fetch.requeue(session, settings, planned)  # inputs by URL are fetched again first
     if planned:
         # Committed first, like a submission: a broker failure leaves them to the reconciler.
         try:
@@ -44,7 +46,7 @@ def retry_failed(settings: Settings, tenant: str, batch_id: str) -> int:
                 send(session, settings, planned)
         except Exception as exc:
             log.warning("dispatch of %d retried jobs failed, the reconciler will send them: %s", len(planned), exc)
-    return len(planned)
+    return count
 
 
 def drain_worker(session: Session, settings: Settings, name: str, drain: bool = True) -> WorkerRow:

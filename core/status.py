@@ -41,10 +41,12 @@ class ErrorCode(StrEnum):
     WORKER_LOST = "worker_lost"  # every attempt's worker died under it
     CANCELED = "canceled"  # the user canceled it
     EXPIRED = "expired"  # its batch's completion_window closed before it ran
+    INPUT_FETCH_FAILED = "input_fetch_failed"  # an input given by URL could not be downloaded: see the error
 
 
 # Failures that the same job, sent again once the cause is gone, may survive.
-RETRYABLE = frozenset({ErrorCode.MODEL_UNAVAILABLE, ErrorCode.OUTAGE, ErrorCode.WORKER_LOST})
+RETRYABLE = frozenset({ErrorCode.MODEL_UNAVAILABLE, ErrorCode.OUTAGE, ErrorCode.WORKER_LOST,
+                       ErrorCode.INPUT_FETCH_FAILED})
 
 
 def failure(code: ErrorCode) -> dict[str, object]:

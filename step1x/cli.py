@@ -32,7 +32,6 @@ ApiUrl = Annotated[str | None, typer.Option(envvar="STEP1X_API_URL",
 ApiKey = Annotated[str | None, typer.Option(envvar="STEP1X_API_KEY",
                                             help="API key [default: the dev key `step1x up` wrote]")]
 Port = Annotated[int, typer.Option(help="the API's port on 127.0.0.1 (must be free)")]
-FINISHED = ("succeeded", "failed", "canceled", "expired")
 
 
 def ensure_port_free(port: int) -> None:
@@ -66,7 +65,8 @@ def wait_with_progress(client: Client, batch: dict[str, Any]) -> dict[str, Any]:
             detail = f"{c['running']} running, {c['failed']} failed"
             if c.get("expired"):
                 detail += f", {c['expired']} expired"
-            bar.update(task, completed=sum(c.get(s, 0) for s in FINISHED), detail=detail)
+            # progress counts how far the running jobs are, so the bar moves within a long job.
+            bar.update(task, completed=b["progress"] * b["total"], detail=detail)
 
         return client.wait_batch(batch["id"], on_progress=update)
 
@@ -79,7 +79,8 @@ def print_summary(client: Client, batch: dict[str, Any], seconds: float) -> None
     if counts["failed"]:
         for line in client.results(batch["id"]):
             if line["status"] == "failed":
-                console.print(f"  [red]{line['custom_id']}[/]: {line.get('error')}")
+                retry = " (retryable)" if line.get("retryable") else ""
+                console.print(f"  [red]{line['custom_id']}[/] {line.get('error_code')}{retry}: {line.get('error')}")
     console.print(f"{seconds:.1f} s, {counts['succeeded'] / seconds if seconds else 0:.2f} images/s")
 
 

@@ -60,6 +60,9 @@ class EmbeddedStack:
             "STEP1X_DATA_DIR": str(self.data_dir),
             "STEP1X_REDIS_URL": redis.url,
             "STEP1X_S3_ENDPOINT_URL": s3.url,
+            # Links in webhook payloads (results_url) name the port this stack listens on, unless
+            # the environment says where clients reach it.
+            "STEP1X_PUBLIC_URL": os.environ.get("STEP1X_PUBLIC_URL") or self.api_url,
         }
         settings = Settings(data_dir=self.data_dir, redis_url=redis.url, s3_endpoint_url=s3.url)
         upgrade(settings.database_url)

@@ -35,7 +35,8 @@ def _batch_out(settings: Settings, tenant: str, batch_id: str) -> BatchOut:
     with session_scope(settings.database_url) as session:
         batch = jobs.get_batch(session, tenant, batch_id)
         status, counts = jobs.summary(session, batch)
-        return BatchOut.of(batch, status, counts, batch_usage(session, batch.id))
+        return BatchOut.of(batch, status, counts, batch_usage(session, batch.id),
+                           jobs.running_progress(session, batch.id))
 
 
 REPLAY: dict[int | str, dict[str, Any]] = {
@@ -146,6 +147,8 @@ def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: St
                 line["urls"] = [o.url for o in out.outputs]
             if job.error:
                 line["error"] = job.error
+                line["error_code"] = job.error_code
+                line["retryable"] = job.retryable
             usage = job_usage(job)
             if usage:
                 line["usage"] = usage

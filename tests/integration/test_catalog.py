@@ -55,6 +55,8 @@ def test_jobs_still_queued_when_the_window_closes_expire_and_the_batch_keeps_par
         f"/v1/batches/{batch['id']}/results").text.splitlines())}
     assert "url" in lines["up-0"] and lines["up-1"]["status"] == "expired"
     assert "completion window (2h)" in lines["up-1"]["error"]
+    assert (lines["up-1"]["error_code"], lines["up-1"]["retryable"]) == ("expired", False)
+    assert "error_code" not in lines["up-0"]
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

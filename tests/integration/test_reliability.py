@@ -151,6 +151,9 @@ def test_cancel_stops_a_running_batch_at_the_next_step_and_uploads_nothing(setti
     progress = wait_progress(settings, ids[0])
     assert 0 < progress < 1
     assert client.get(f"/v1/jobs/{ids[0]}").json()["progress"] == pytest.approx(job(settings, ids[0]).progress)
+    # The batch's progress moves within its running jobs, before any of them ends.
+    batch = client.get(f"/v1/batches/{batch_id}").json()
+    assert batch["counts"]["running"] == 8 and 0 < batch["progress"] < 1
     assert client.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
     thread.join(60)
     assert not thread.is_alive(), "the run did not stop after its cancel"

@@ -16,7 +16,7 @@ from core.db import session_scope
 from core.services import free_port
 from core.settings import Settings, get_settings
 from core.storage import Storage
-from core.tables import InputFetch, Job
+from core.tables import InputFetch, Job, WebhookEvent
 from models.profiles import Registry
 from step1x.client import Client
 from tests.integration import receiver as fixtures
@@ -83,6 +83,8 @@ def test_url_inputs_are_fetched_once_checked_and_bad_ones_fail_alone(server):
         {"custom_id": "moved", **up, "image": f"{server.url}/moved.png"},
         {"custom_id": "slow", **up, "image": f"{server.url}/slow.png"},
     ]
+    hook = client.post("/v1/webhooks", json={"url": f"{server.url}/hook", "events": ["job.failed", "job.succeeded"]})
+    assert hook.status_code == 201, hook.text
     started = time.monotonic()
     response = client.post("/v1/batches", json={"items": items})
     assert response.status_code == 202, response.text
@@ -104,6 +106,11 @@ def test_url_inputs_are_fetched_once_checked_and_bad_ones_fail_alone(server):
     assert "HTTP 302" in errors["moved"] and "redirects are not followed" in errors["moved"]
     assert "timed out" in errors["slow"] and "2 attempts" in errors["slow"]
     assert "mask is 20x20 but image is 48x32" in errors["sizes"]
+    # A download that failed may succeed once the server serves the photo; bytes that arrived but are
+    # not a usable image will not.
+    codes = {name: (job.error_code, job.retryable) for name, job in jobs.items() if job.status == "failed"}
+    assert codes == {**{n: ("input_fetch_failed", True) for n in ("missing", "big", "moved", "slow")},
+                     **{n: ("invalid_input", False) for n in ("text", "sizes")}}
     with session_scope(settings.database_url) as session:
         assert session.scalars(select(InputFetch)).all() == []
     ready = [jobs[name] for name in ("photo", "same-photo", "fill")]
@@ -115,6 +122,27 @@ def test_url_inputs_are_fetched_once_checked_and_bad_ones_fail_alone(server):
     assert [jobs[n].status for n in ("photo", "same-photo", "fill")] == ["succeeded"] * 3
     batch = client.get(f"/v1/batches/{batch_id}").json()
     assert (batch["status"], batch["counts"]["succeeded"], batch["counts"]["failed"]) == ("completed", 3, 6)
+
+    # The missing photo is published; an operator's retry sends the URL jobs back to the fetch stage.
+    server.answer = lambda seen: (200, {}, PHOTO) if seen.path == "/gone.png" else serve(seen)
+    assert client.post(f"/v1/batches/{batch_id}/retry").json()["retried"] == 6
+    jobs = jobs_of(settings, batch_id)
+    assert (jobs["sizes"].status, jobs["sizes"].error_code) == ("failed", "invalid_input")  # checked again at once
+    fetch.run(settings, Storage(settings), batch_id)
+    jobs = jobs_of(settings, batch_id)
+    assert jobs["missing"].status == "queued" and jobs["missing"].dispatched_at is not None
+    assert jobs["missing"].spec["image"] == ready[0].spec["image"]  # the same bytes: the same stored file
+    assert {n for n, j in jobs.items() if j.status == "failed"} == {"sizes", "big", "text", "moved", "slow"}
+    MicroBatch(settings, Storage(settings), Registry(settings).get, worker="test@host").run([jobs["missing"].id])
+    assert client.get(f"/v1/batches/{batch_id}").json()["counts"]["succeeded"] == 4
+    # Each ending of a retried job is announced, numbered in order.
+    with session_scope(settings.database_url) as session:
+        events = session.execute(select(WebhookEvent.resource_id, WebhookEvent.type, WebhookEvent.sequence)
+                                 .order_by(WebhookEvent.sequence)).all()
+    announced = {(r, t, n) for r, t, n in events}
+    assert {(t, n) for r, t, n in announced if r == jobs["sizes"].id} == {("job.failed", 1), ("job.failed", 2)}
+    assert {(t, n) for r, t, n in announced if r == jobs["missing"].id} == {("job.failed", 1), ("job.succeeded", 2)}
+    assert {(t, n) for r, t, n in announced if r == jobs["photo"].id} == {("job.succeeded", 1)}
 
 
 def test_the_control_process_fetches_and_dispatches_a_url_job(server, control, tmp_path: Path):

@@ -5,6 +5,7 @@ signing independently)."""
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import time
@@ -16,6 +17,7 @@ import redis
 from sqlalchemy import select, update
 from standardwebhooks import Webhook
 
+from core import outbound as core_outbound
 from core.db import session_scope
 from core.delivery import DISABLE_AFTER, deliver
 from core.services import free_port
@@ -252,3 +254,44 @@ def test_an_endpoint_failing_for_days_is_disabled_saying_why(outbound, receiver)
     body = client.get(f"/v1/webhooks/{hook['id']}").json()
     assert not body["enabled"] and "without a success" in body["disabled_reason"] and "HTTP 500" in \
         body["disabled_reason"]
+
+
+def test_every_connection_is_checked_again(outbound, receiver):
+    """Allowed when registered, refused when sent: the allow-list no longer admits the receiver, so
+    the attempt fails at the connection's own check and the receiver never sees a connection."""
+    client = api_client(outbound)
+    hook = endpoint(client, receiver.url, ["job.canceled"])
+    canceled_job(client)
+    with session_scope(outbound.database_url) as session:
+        [delivery_id] = session.scalars(select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == hook["id"]))
+    narrowed = outbound.model_copy(update={"outbound_allow": "127.0.0.3/32"})
+    assert deliver(narrowed, delivery_id) == "pending"  # failed, to be retried on schedule
+    [logged] = client.get(f"/v1/webhooks/{hook['id']}/deliveries").json()["data"]
+    error = logged["attempts"][0]["error"]
+    assert logged["attempts"][0]["status_code"] is None and "127.0.0.1" in error and "loopback" in error
+    assert receiver.connections == 0 and receiver.seen == []
+
+
+def test_the_connection_goes_to_the_address_that_was_checked(outbound, receiver, monkeypatch):
+    """The host is resolved once per connection, by the check, and the socket is opened to the
+    address it approved: a second lookup (the DNS rebinding gap) would find nothing for this name.
+    The resolver is the one stand-in here; the connections are real."""
+    answers = {"shop.test": ipaddress.ip_address("127.0.0.1"), "rebound.test": ipaddress.ip_address("127.0.0.2")}
+    looked_up: list[str] = []
+
+    def resolve(host: str, port: int) -> list:
+        looked_up.append(host)
+        return [answers[host]]
+
+    monkeypatch.setattr(core_outbound, "resolve", resolve)
+    other = Receiver("127.0.0.2", free_port()).start()  # what a rebound name would point at: not allowed
+    try:
+        with core_outbound.client(outbound, 5) as http:
+            assert http.post(f"http://shop.test:{receiver.port}/hook", content=b"{}").status_code == 204
+            with pytest.raises(core_outbound.Refused, match=r"127\.0\.0\.2.*loopback"):
+                http.post(f"http://rebound.test:{other.port}/hook", content=b"{}")
+        assert looked_up == ["shop.test", "rebound.test"]
+        assert [s.headers["Host"] for s in receiver.seen] == [f"shop.test:{receiver.port}"]
+        assert other.connections == 0
+    finally:
+        other.stop()
