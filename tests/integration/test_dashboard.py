@@ -336,7 +336,9 @@ def test_job_page_shows_every_stage_timing(settings):
     client, _ = browser(settings, "acme")
     for job_id in jobs:
         with session_scope(settings.database_url) as session:
-            timings = session.get(Job, job_id).timings  # type: ignore[union-attr]
+            row = session.get(Job, job_id)
+            assert row is not None and row.timings is not None
+            timings = row.timings
         assert set(timings) == {"queued", "load", "run", "encode", "upload"}
         assert all(seconds >= 0 for seconds in timings.values()) and timings["encode"] > 0 and timings["upload"] > 0
         page = client.get(f"/dashboard/jobs/{job_id}").text
