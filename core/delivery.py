@@ -126,8 +126,13 @@ def _claim(session: Session, settings: Settings, *which: ColumnElement[bool]) ->
     if (busy or 0) >= PER_DESTINATION:
         return None  # the tasks on the wire go on through this backlog
     lease = now + _lease(settings)
-    session.execute(update(WebhookDelivery).where(WebhookDelivery.id == row.id)
-                    .values(next_attempt_at=lease, sending_until=lease))
+    # Still due: SQLite ignores SKIP LOCKED, so another sender may have read the same row and taken it.
+    taken = session.execute(update(WebhookDelivery)
+                            .where(WebhookDelivery.id == row.id, WebhookDelivery.status == "pending",
+                                   WebhookDelivery.next_attempt_at <= now)
+                            .values(next_attempt_at=lease, sending_until=lease))
+    if taken.rowcount != 1:  # type: ignore[attr-defined]
+        return None
     prepared.body = _body(settings, row.payload or {})
     return prepared
 

@@ -56,16 +56,17 @@ class Progress:
         return self.done / self.batch.total if self.batch.total else 1.0
 
 
-def encode_cursor(batch: Batch) -> str:
-    raw = f"{batch.created_at.isoformat()}|{batch.id}".encode()
+def encode_cursor(created_at: datetime, row_id: str) -> str:
+    """A page boundary in a newest-first list (batches, webhook deliveries): the last row's time and id."""
+    raw = f"{created_at.isoformat()}|{row_id}".encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
-        created, batch_id = raw.split("|", 1)
-        return datetime.fromisoformat(created), batch_id
+        created, row_id = raw.split("|", 1)
+        return datetime.fromisoformat(created), row_id
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("not a cursor this API returned: pass next_cursor as it came", "cursor") from None
 
@@ -103,7 +104,7 @@ def list_batches(session: Session, tenant: str | None, filters: BatchFilter, cur
         query = query.where(or_(Batch.created_at < created, and_(Batch.created_at == created, Batch.id < batch_id)))
     batches = list(session.scalars(query.order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
     progress = progress_of(session, batches)
-    return progress, encode_cursor(batches[-1]) if len(batches) == limit else None
+    return progress, encode_cursor(batches[-1].created_at, batches[-1].id) if len(batches) == limit else None
 
 
 def progress_of(session: Session, batches: list[Batch]) -> list[Progress]:

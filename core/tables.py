@@ -343,6 +343,10 @@ class WebhookDelivery(Base):
         Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
         Index("ix_webhook_deliveries_endpoint", "endpoint_id", "id"),
         Index("ix_webhook_deliveries_sending", "endpoint_id", "sending_until"),
+        # The dashboard's deliveries page: an endpoint's log newest first, and its counts per status
+        # and last success from the index alone.
+        Index("ix_webhook_deliveries_endpoint_created", "endpoint_id", "created_at", "id"),
+        Index("ix_webhook_deliveries_endpoint_status", "endpoint_id", "status", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("msg"))

@@ -42,6 +42,7 @@ from models.engine import Canceled, Engine, ImageRequest, ImageResult
 from models.profiles import library_versions
 from workers.progress import Watch
 from workers.registry import Presence
+from workers.stopwatch import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -240,17 +241,18 @@ class MicroBatch:
         for outcome in outcomes:
             by_model.setdefault(outcome.job.model, []).append(outcome)
         for model, group in by_model.items():
+            loading = time.perf_counter()  # load: the model made warm, then the inputs fetched
             try:
                 engine = self.engines(model)
             except Step1XError as exc:  # missing weights, bad profile: retrying cannot help
                 for outcome in group:
                     outcome.fail(ErrorCode.MODEL_UNAVAILABLE, f"model {model!r}: {exc}")
                 continue
-            self._run_group(engine, group)
+            self._run_group(engine, group, loading)
         uploaded = finish(self.settings, outcomes)
         self._drop_canceled(uploaded)
 
-    def _run_group(self, engine: Engine, group: list[Outcome]) -> None:
+    def _run_group(self, engine: Engine, group: list[Outcome], loading: float) -> None:
         pending: list[tuple[Outcome, list[ImageRequest]]] = []
         for outcome in group:
             outcome.fingerprint = fingerprint(outcome.job, engine)
@@ -284,6 +286,7 @@ class MicroBatch:
                 outcome.status = JobStatus.CANCELED
             return
         run_seconds = (time.perf_counter() - started) / len(flat)
+        load_seconds = (started - loading) / len(flat)
         canceled = watch.canceled_now()  # canceled while it ran: nothing of theirs is uploaded
         uploads: list[tuple[str, Image.Image, str, int | None]] = []
         thumbnails: list[tuple[Claimed, list[tuple[str, Image.Image]]]] = []
@@ -309,19 +312,22 @@ class MicroBatch:
             outcome.result = {"seeds": [r.seed for r in images], "model": engine.name,
                               "model_hash": engine.model_hash, "versions": library_versions(), "cached": False}
             outcome.timings["run"] = round(run_seconds * len(reqs), 4)
+            outcome.timings["load"] = round(load_seconds * len(reqs), 4)
             steps = sum(r.steps for r in reqs) if engine.profile.seeded else 0
             outcome.usage = Usage.of((r.image.size for r in images), steps, run_seconds * len(reqs),
                                      device_kind(engine))
-        started = time.perf_counter()
+        clock = Stopwatch()
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
         with ThreadPoolExecutor(max_workers=self.settings.upload_concurrency) as pool:
-            list(pool.map(lambda up: self.storage.put(up[0], encode(*up[1:]), CONTENT_TYPES[up[2]]), uploads))
+            list(pool.map(lambda up: clock.time("upload", up[0], self.storage.put, up[0],
+                                                clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
+                          uploads))
             list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
                                                  self._image(t[0].tenant_id)), thumbnails))
-        upload_seconds = (time.perf_counter() - started) / max(1, len(uploads))
-        for outcome, reqs in pending:
+        for outcome, _ in pending:
             if outcome.status == JobStatus.SUCCEEDED:
-                outcome.timings["upload"] = round(upload_seconds * len(reqs), 4)
+                outcome.timings["encode"] = clock.total("encode", outcome.output_keys)
+                outcome.timings["upload"] = clock.total("upload", outcome.output_keys)
 
     def _drop_canceled(self, uploaded: Sequence[Outcome]) -> None:
         """A job canceled between its upload and the finishing UPDATE kept its canceled status (the

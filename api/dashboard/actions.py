@@ -1,8 +1,8 @@
 """Dashboard actions. Each is two steps: a confirmation page that says what it will touch (a GET
 that changes nothing), then a POST carrying the session's CSRF token.
 
-A tenant key may cancel and retry its own work; pausing queues and draining workers affect every
-tenant, so they need an operator key.
+A tenant key may cancel and retry its own work and redeliver its own webhooks; pausing queues and
+draining workers affect every tenant, so they need an operator key.
 """
 
 from __future__ import annotations
@@ -16,17 +16,19 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.dashboard import views
+from api.dashboard import deliveries, views
 from api.dashboard.pages import page
 from api.dashboard.session import Viewer, ViewerDep, check_csrf, require_operator
-from core import jobs, listing, monitor, operate, pauses
+from core import delivery, jobs, listing, monitor, operate, pauses
 from core.db import session_scope
 from core.errors import InvalidInput, NotFound
 from core.settings import Settings
-from core.tables import WorkerRow
+from core.tables import WebhookEndpoint, WorkerRow
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
 OPERATOR_ONLY = {"pause", "resume", "drain", "undrain"}
+# Actions whose work another process picks up: it is handed over once the change is committed.
+HANDED_OVER = {"retry-batch", "redeliver"}
 
 
 @dataclass
@@ -89,12 +91,23 @@ def describe(session: Session, viewer: Viewer, action: str, target: str) -> Plan
                 if current else "nothing in hand now")
         return Plan(f"Drain worker {worker.name}?", f"It finishes {hand}, then takes nothing more.",
                     "/dashboard/workers")
+    if action == "redeliver":
+        found = deliveries.find_delivery(session, viewer, target)
+        endpoint = session.get(WebhookEndpoint, found.delivery.endpoint_id)
+        assert endpoint is not None  # the delivery cascades away with its endpoint
+        warning = "" if endpoint.enabled else (f" The endpoint is disabled ({endpoint.disabled_reason}): "
+                                               "enable it again first, or this attempt fails at once.")
+        return Plan(f"Redeliver {found.type} to {endpoint.url}?",
+                    f"Delivery {found.delivery.id} ({found.type} of {found.resource_id}, {found.delivery.status}, "
+                    f"{len(found.attempts):,} attempts so far) is sent again now with the same webhook-id and a fresh "
+                    f"signature; its retry schedule starts over.{warning}",
+                    f"/dashboard/webhooks/{endpoint.id}", found.delivery.tenant_id)
     raise NotFound(f"no action {action!r}")
 
 
 def perform(session: Session, settings: Settings, viewer: Viewer, action: str, target: str) -> str:
-    """Does it (all but retry, which commits and dispatches on its own); returns what happened, for
-    the notice on the next page."""
+    """Does it (all but those HANDED_OVER, which `act` runs); returns what happened, for the notice on
+    the next page."""
     if action in OPERATOR_ONLY:
         require_operator(viewer)
     if action == "cancel-batch":
@@ -140,8 +153,13 @@ async def act(request: Request, viewer: ViewerDep, action: str, target: str = Fo
     def run() -> tuple[str, str]:
         with session_scope(settings.database_url) as session:
             plan = describe(session, viewer, action, target)
-            if action != "retry-batch":
+            if action not in HANDED_OVER:
                 return plan.back, perform(session, settings, viewer, action, target)
+            if action == "redeliver":
+                due = deliveries.redeliver(session, viewer, target)
+        if action == "redeliver":
+            delivery.kick(due, settings)
+            return plan.back, f"redelivering {target}: a new attempt with the same webhook-id is on its way"
         assert plan.tenant is not None
         return plan.back, f"retried {operate.retry_failed(settings, plan.tenant, target):,} failed jobs"
 

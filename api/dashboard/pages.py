@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from fastapi.templating import Jinja2Templates
 from starlette.concurrency import run_in_threadpool
 
-from api.dashboard import formats, views
+from api.dashboard import deliveries, formats, views
 from api.dashboard.session import COOKIE, MAX_AGE, ViewerDep, check_csrf, current_viewer, sign
 from core.db import session_scope
 from core.errors import InvalidInput, NotFound
@@ -118,6 +118,16 @@ async def job(request: Request, viewer: ViewerDep, job_id: str) -> Response:
 @router.get("/workers")
 async def workers(request: Request, viewer: ViewerDep) -> Response:
     return await serve(request, viewer, "workers", views.workers)
+
+
+@router.get("/webhooks")
+async def webhooks(request: Request, viewer: ViewerDep) -> Response:
+    return await serve(request, viewer, "webhooks", deliveries.endpoints)
+
+
+@router.get("/webhooks/{endpoint_id}")
+async def webhook(request: Request, viewer: ViewerDep, endpoint_id: str) -> Response:
+    return await serve(request, viewer, "webhook", deliveries.endpoint, endpoint_id)
 
 
 @router.get("/login")

@@ -26,6 +26,14 @@ from core.tables import Batch, Job, WorkerRow, utcnow
 from core.thumbs import INPUT_FIELDS, input_thumb_key, thumb_key
 
 PAGE = 50
+# The stages a job's timings record (workers.batch), in order: (key, name on the page, what it covers).
+STAGES = (
+    ("queued", "queue wait", "from submission to the claim of its last attempt"),
+    ("load", "load", "its share of making the model warm and fetching and decoding the inputs"),
+    ("run", "run", "its share of the micro-batch's forward pass"),
+    ("encode", "encode", "encoding its output images (PNG, JPEG or WebP)"),
+    ("upload", "upload", "putting its outputs in storage"),
+)
 SHEET = 48  # thumbnails on a batch's contact sheet
 
 
@@ -143,11 +151,11 @@ def job(session: Session, viewer: Viewer, params: Mapping[str, str], storage: St
     inputs = [(field, presign(storage, input_thumb_key(row.tenant_id, row.spec[field])))
               for field in INPUT_FIELDS if isinstance(row.spec.get(field), str)]
     outputs = [presign(storage, thumb_key(key)) for key in row.output_keys or []]
-    timings = dict(row.timings or {})
-    if row.started_at and row.finished_at:
-        timings.setdefault("total running", round((row.finished_at - row.started_at).total_seconds(), 4))
+    recorded = row.timings or {}
+    stages = [(name, key, hint, recorded.get(key)) for key, name, hint in STAGES]
+    total = (row.finished_at - row.started_at).total_seconds() if row.started_at and row.finished_at else None
     return {"now": utcnow(), "job": row, "inputs": inputs if row.started_at else [], "outputs": outputs,
-            "timings": timings, "result": row.result or {}}
+            "stages": stages, "total_running": total, "result": row.result or {}}
 
 
 def workers(session: Session, viewer: Viewer, params: Mapping[str, str], storage: Storage) -> dict[str, Any]:

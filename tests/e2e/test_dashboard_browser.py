@@ -19,17 +19,21 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.app import create_app
+from core import webhooks
 from core.db import session_scope
 from core.keys import create_key
 from core.pauses import pause, resume
 from core.services import free_port
 from core.settings import Settings
 from core.storage import Storage, input_key
-from core.tables import Job, WorkerRow
+from core.tables import Job, WebhookDelivery, WorkerRow
+from tests.integration import receiver as fixtures
 from tests.integration.helpers import mask_png, png
+from tests.integration.receiver import Receiver, wait_for
 from workers.launcher import start_workers, stop_all
 
 pytestmark = pytest.mark.e2e
+outbound, control = fixtures.outbound, fixtures.control
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -187,11 +191,12 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         # Drain the worker: it stops consuming (a Celery broadcast), so new work waits; undrain resumes.
         name = f"cpu@{socket.gethostname()}"
         deadline = time.monotonic() + 30
-        while True:  # the row its heartbeat keeps
+        while True:  # the row its heartbeat keeps, once a beat says the last micro-batch is done
             with session_scope(settings.database_url) as session:
-                if session.get(WorkerRow, name) is not None:
+                worker = session.get(WorkerRow, name)
+                if worker is not None and worker.current is None:
                     break
-            assert time.monotonic() < deadline, f"worker {name} never wrote its heartbeat"
+            assert time.monotonic() < deadline, f"worker {name}: no heartbeat with nothing in hand"
             time.sleep(0.2)
         page.goto("/dashboard/workers")
         row = page.locator(f'tr[data-worker="{name}"]')
@@ -252,3 +257,46 @@ def test_a_tenant_sees_only_its_own_work_and_actions_need_csrf(api_server, brows
     forged = mine.request.post("/dashboard/actions/cancel-batch", form={"target": theirs})
     assert forged.status == 403
     assert stack.api("acme").get(f"/v1/batches/{theirs}").json()["status"] == "queued"
+
+
+def test_webhook_deliveries_page_shows_attempts_and_redelivers(outbound, control, api_server, browser):
+    stack = api_server
+    receiver = Receiver("127.0.0.1", free_port()).start()
+    try:
+        with session_scope(outbound.database_url) as session:  # allow-listed loopback: see `outbound`
+            hook_id = webhooks.create_endpoint(session, outbound, "acme", f"{receiver.url}/hook", ["job.canceled"]).id
+        acme = stack.api("acme")
+        job_id = acme.post("/v1/jobs", json={"kind": "generate", "prompt": "a mug", "steps": 1}).json()["id"]
+        assert acme.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "canceled"
+        wait_for(lambda: receiver.seen, what="the first delivery")
+        delivery_id = receiver.seen[0].headers["webhook-id"]
+
+        page = log_in(browser, stack, "acme")
+        page.click("nav >> text=Webhooks")
+        page.click(f'tr[data-endpoint="{hook_id}"] a')
+        row = page.locator(f'tr[data-delivery="{delivery_id}"]')
+        attempts = f'tr[data-delivery="{delivery_id}"] tr[data-attempt]'
+        page.wait_for_function(f"document.querySelectorAll('{attempts}').length === 1")  # live, if not yet logged
+        assert "204" in row.locator('tr[data-attempt="1"]').inner_text() and job_id[:16] in row.inner_text()
+
+        row.locator("text=redeliver…").click()
+        assert "same webhook-id" in page.locator(".touches").inner_text()
+        page.click("button:has-text('Confirm')")
+        assert "redelivering" in page.locator(".notice").inner_text()
+        wait_for(lambda: len(receiver.seen) == 2, what="the redelivery at the receiver")
+        assert receiver.seen[1].headers["webhook-id"] == delivery_id
+        # The second attempt appears on the page that was open, through its live updates.
+        page.wait_for_function(f"document.querySelectorAll('{attempts}').length === 2")
+
+        forged = page.request.post("/dashboard/actions/redeliver", form={"target": delivery_id})
+        assert forged.status == 403
+        intruder = log_in(browser, stack, "other")
+        response = intruder.goto(f"/dashboard/webhooks/{hook_id}")
+        assert response is not None and response.status == 404
+        intruder.goto("/dashboard/webhooks")
+        assert hook_id not in intruder.content() and "no webhook endpoints" in intruder.content()
+        with session_scope(outbound.database_url) as session:
+            assert session.get(WebhookDelivery, delivery_id).status == "succeeded"  # type: ignore[union-attr]
+        assert len(receiver.seen) == 2  # the forged POST sent nothing
+    finally:
+        receiver.stop()

@@ -13,14 +13,22 @@ from sqlalchemy import func, select, update
 
 from api.app import create_app
 from core.db import session_scope
+from core.delivery import deliver
 from core.dispatch import lane_queues
 from core.keys import create_key
 from core.pauses import held
+from core.services import free_port
 from core.settings import Settings
-from core.tables import Job, utcnow
-from tests.integration.helpers import api_client
+from core.storage import Storage
+from core.tables import Job, WebhookDelivery, utcnow
+from models.profiles import Registry
+from tests.integration import receiver as fixtures
+from tests.integration.helpers import api_client, png, upload
+from tests.integration.receiver import Receiver, Seen
+from workers.batch import MicroBatch
 
 pytestmark = pytest.mark.integration
+outbound = fixtures.outbound
 
 
 def _items(n: int, prefix: str = "sku") -> list[dict]:
@@ -188,3 +196,153 @@ def test_metrics_agree_with_the_database(settings):
     assert jobs == expected == {("queued", "tiny-sd"): 6, ("failed", "tiny-sd"): 2}
     assert depth == {"bulk": queued["bulk"], "interactive": queued["interactive"]} == {"bulk": 5, "interactive": 1}
     assert 0 <= oldest["bulk"] < 120
+
+
+def _row(html: str, attribute: str, value: str) -> str:
+    """The table row `<tr {attribute}="{value}">` of a page, up to its closing tag."""
+    match = re.search(rf'<tr {attribute}="{re.escape(value)}">(.*?)</tr>\s*(?:<tr {attribute}=|</tbody>)', html, re.S)
+    assert match, f"no row {attribute}={value}"
+    return match.group(1)
+
+
+def _webhook_fixture(settings: Settings) -> tuple[TestClient, dict[str, str], dict[str, list[str]], Receiver]:
+    """Three endpoints of tenant acme at a loopback receiver (one answers 200, one 410, one 500), two
+    canceled jobs, and each delivery attempted once by the real sender."""
+    def answer(seen: Seen) -> tuple[int, dict[str, str], bytes]:
+        return {"/ok": (200, {}, b'{"thanks": "<b>received</b>"}'), "/gone": (410, {}, b"gone for good")}.get(
+            seen.path, (500, {}, b"receiver broke"))
+
+    receiver = Receiver("127.0.0.1", free_port(), answer).start()
+    acme = api_client(settings, "acme")
+    hooks = {}
+    for name in ("ok", "gone", "flaky"):
+        response = acme.post("/v1/webhooks", json={"url": f"{receiver.url}/{name}", "events": ["job.canceled"]})
+        assert response.status_code == 201, response.text
+        hooks[name] = response.json()["id"]
+    for _ in range(2):
+        job_id = acme.post("/v1/jobs", json={"kind": "generate", "prompt": "a mug", "width": 64, "height": 64,
+                                             "steps": 1}).json()["id"]
+        assert acme.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "canceled"
+    ids: dict[str, list[str]] = {}
+    with session_scope(settings.database_url) as session:
+        for name, endpoint_id in hooks.items():
+            ids[name] = list(session.scalars(select(WebhookDelivery.id)
+                                             .where(WebhookDelivery.endpoint_id == endpoint_id)
+                                             .order_by(WebhookDelivery.created_at)))
+    for name in ("ok", "gone", "flaky"):
+        for delivery_id in ids[name]:
+            deliver(settings, delivery_id, burst=1)
+    return acme, hooks, ids, receiver
+
+
+def test_webhook_pages_show_the_attempt_log_to_its_tenant_only(outbound, monkeypatch):
+    _, hooks, ids, receiver = _webhook_fixture(outbound)
+    try:
+        client, csrf = browser(outbound, "acme")
+        listing = client.get("/dashboard/webhooks").text
+        for name, counts in {"ok": (0, 2, 0), "gone": (0, 0, 2), "flaky": (2, 0, 0)}.items():
+            row = _row(listing, "data-endpoint", hooks[name])
+            found = tuple(int(re.search(rf'data-count="{s}">(\d+)<', row).group(1))  # type: ignore[union-attr]
+                          for s in ("pending", "succeeded", "failed"))
+            assert found == counts, (name, found)
+        assert "disabled" in _row(listing, "data-endpoint", hooks["gone"]) and "410 Gone" in listing
+        assert "never" in _row(listing, "data-endpoint", hooks["flaky"])  # no success yet
+        assert "ago" in _row(listing, "data-endpoint", hooks["ok"])
+
+        log = client.get(f"/dashboard/webhooks/{hooks['ok']}").text
+        first = _row(log, "data-delivery", ids["ok"][0])
+        assert "job.canceled" in first and "/dashboard/jobs/job_" in first and " ms<" in first
+        assert ">200<" in first
+        # The receiver's answer is shown as text, never as markup.
+        assert "&lt;b&gt;received&lt;/b&gt;" in first and "<b>received</b>" not in log
+        flaky = client.get(f"/dashboard/webhooks/{hooks['flaky']}").text
+        assert ">500<" in flaky and "receiver broke" in flaky and "next attempt in" in flaky
+        gone = client.get(f"/dashboard/webhooks/{hooks['gone']}", params={"status": "failed"}).text
+        assert "gone for good" in gone and "endpoint disabled" in gone  # the second was never sent
+        assert client.get(f"/dashboard/webhooks/{hooks['ok']}", params={"status": "lost"}).status_code == 422
+
+        # The log pages newest first by cursor.
+        monkeypatch.setattr("api.dashboard.deliveries.LOG_PAGE", 1)
+        newest = client.get(f"/dashboard/webhooks/{hooks['ok']}").text
+        assert ids["ok"][1] in newest and ids["ok"][0] not in newest
+        cursor = re.search(r'cursor=([^"&]+)">older deliveries', newest).group(1)  # type: ignore[union-attr]
+        older = client.get(f"/dashboard/webhooks/{hooks['ok']}", params={"cursor": cursor}).text
+        assert ids["ok"][0] in older and ids["ok"][1] not in older
+        cursor = re.search(r'cursor=([^"&]+)">older deliveries', older).group(1)  # type: ignore[union-attr]
+        oldest = client.get(f"/dashboard/webhooks/{hooks['ok']}", params={"cursor": cursor}).text
+        assert "no deliveries" in oldest and "older deliveries" not in oldest
+        monkeypatch.undo()
+
+        # Another tenant sees none of it, through any page, stream or action.
+        intruder, intruder_csrf = browser(outbound, "other")
+        assert hooks["ok"] not in intruder.get("/dashboard/webhooks", params={"tenant": "acme"}).text
+        assert intruder.get(f"/dashboard/webhooks/{hooks['ok']}").status_code == 404
+        assert intruder.get(f"/dashboard/webhooks/{hooks['ok']}",
+                            headers={"Accept": "text/event-stream"}).status_code == 404
+        assert intruder.get("/dashboard/confirm", params={"action": "redeliver",
+                                                           "target": ids["ok"][0]}).status_code == 404
+        assert intruder.post("/dashboard/actions/redeliver",
+                             data={"target": ids["ok"][0], "csrf": intruder_csrf}).status_code == 404
+        operator, _ = browser(outbound, "ops", operator=True)
+        everyone = operator.get("/dashboard/webhooks").text
+        assert all(endpoint_id in everyone for endpoint_id in hooks.values()) and ">acme<" in everyone
+
+        # Redeliver: confirmed first, refused without the CSRF token, then due again under the same id.
+        confirm = client.get("/dashboard/confirm", params={"action": "redeliver", "target": ids["ok"][0]})
+        assert confirm.status_code == 200 and "same webhook-id" in confirm.text and "1 attempts" in confirm.text
+        disabled = client.get("/dashboard/confirm", params={"action": "redeliver", "target": ids["gone"][0]})
+        assert "The endpoint is disabled" in disabled.text
+        assert client.post("/dashboard/actions/redeliver", data={"target": ids["ok"][0]}).status_code == 403
+        with session_scope(outbound.database_url) as session:
+            assert session.get(WebhookDelivery, ids["ok"][0]).status == "succeeded"  # type: ignore[union-attr]
+        broker = redis.Redis.from_url(outbound.redis_url)
+        broker.delete("control")
+        done = client.post("/dashboard/actions/redeliver", data={"target": ids["ok"][0], "csrf": csrf},
+                           follow_redirects=False)
+        assert done.status_code == 303 and done.headers["location"].startswith(f"/dashboard/webhooks/{hooks['ok']}?")
+        assert broker.llen("control") == 1  # handed to the control process, as the API's redeliver does
+        seen = len(receiver.seen)
+        assert deliver(outbound, ids["ok"][0], burst=1) == "succeeded"
+        assert len(receiver.seen) == seen + 1 and receiver.seen[-1].headers["webhook-id"] == ids["ok"][0]
+        again = _row(client.get(f"/dashboard/webhooks/{hooks['ok']}").text, "data-delivery", ids["ok"][0])
+        assert again.count("data-attempt=") == 2
+    finally:
+        receiver.stop()
+
+
+def test_metrics_count_webhook_deliveries_as_the_database_does(outbound):
+    acme, _, _, receiver = _webhook_fixture(outbound)
+    receiver.stop()
+    families = {f.name: f for f in text_string_to_metric_families(acme.get("/metrics").text)}
+    deliveries = {s.labels["status"]: s.value for s in families["step1x_webhook_deliveries"].samples}
+    endpoints = {s.labels["state"]: s.value for s in families["step1x_webhook_endpoints"].samples}
+    [overdue] = families["step1x_webhook_due_age_seconds"].samples
+    with session_scope(outbound.database_url) as session:
+        expected = dict(session.execute(select(WebhookDelivery.status, func.count())
+                                        .group_by(WebhookDelivery.status)).tuples().all())
+    assert deliveries == expected == {"pending": 2, "succeeded": 2, "failed": 2}
+    assert endpoints == {"enabled": 2, "disabled": 1}
+    assert 0 <= overdue.value < 600  # the 500s' retries fall due within milliseconds; no sender runs here
+
+
+def test_job_page_shows_every_stage_timing(settings):
+    acme = api_client(settings, "acme")
+    image = upload(acme, png((48, 32)))
+    items = [{"custom_id": f"up-{i}", "kind": "upscale", "image": image, "model": "lanczos-x4",
+              "output_format": "jpeg" if i else "png"} for i in range(2)]
+    batch_id = acme.post("/v1/batches", json={"items": items}).json()["id"]
+    with session_scope(settings.database_url) as session:
+        jobs = list(session.scalars(select(Job.id).where(Job.batch_id == batch_id)))
+    MicroBatch(settings, Storage(settings), Registry(settings).get, worker="test@host").run(jobs)
+    client, _ = browser(settings, "acme")
+    for job_id in jobs:
+        with session_scope(settings.database_url) as session:
+            row = session.get(Job, job_id)
+            assert row is not None and row.timings is not None
+            timings = row.timings
+        assert set(timings) == {"queued", "load", "run", "encode", "upload"}
+        assert all(seconds >= 0 for seconds in timings.values()) and timings["encode"] > 0 and timings["upload"] > 0
+        page = client.get(f"/dashboard/jobs/{job_id}").text
+        for stage in timings:
+            assert re.search(rf'data-stage="{stage}"[^>]*><th>[^<]+</th><td class="num">\d+\.\d{{3}} s<', page), stage
+        assert "queue wait" in page and "total running" in page
