@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     presign_seconds: int = 3600
     # Parallel uploads per worker; the S3 connection pool is sized to match.
     upload_concurrency: int = 8
+    # Micro-batches a worker may hold to be encoded and uploaded while its engine runs the next one;
+    # past it the next forward pass waits for storage (back-pressure, memory bounded).
+    pipeline_depth: int = 2
     # boto3's own tries per S3 call before the micro-batch counts as interrupted and is retried whole.
     s3_max_attempts: int = 5
     # Defaults of a batch's `completion_window` (jobs not finished by then end expired) and

@@ -1,4 +1,5 @@
-"""Run one micro-batch: claim -> load inputs -> run the engine -> store outputs -> finish.
+"""Run one micro-batch: claim -> load inputs -> run the engine (`MicroBatch.start`), then encode and
+upload the outputs -> finish (`Staged.store`), which the worker overlaps with the next forward pass.
 
 No Celery here: the task in `workers.tasks` is a thin shim, and tests run `MicroBatch` directly.
 Every step is idempotent. The claim is one conditional UPDATE, so a job already running under a
@@ -184,6 +185,55 @@ class Interrupted(Exception):
         self.held = held
 
 
+@dataclass
+class _Store:
+    """One engine group's outputs waiting to be encoded and uploaded."""
+
+    uploads: list[tuple[str, Image.Image, str, int | None]]
+    thumbnails: list[tuple[Claimed, list[tuple[str, Image.Image]]]]
+    outcomes: list[Outcome]
+    watch: Watch
+
+
+class Staged:
+    """A micro-batch whose forward pass is done: its outputs still to encode and upload, then its
+    jobs to finish. Finishing comes only after every upload, so a crash before it loses nothing:
+    the jobs are still running under a lease (renewed until then) and are recovered like any other
+    run whose worker died. Stored at most once."""
+
+    def __init__(self, batch: MicroBatch, claimed: Sequence[Claimed], outcomes: list[Outcome],
+                 stores: list[_Store], heartbeat: Heartbeat) -> None:
+        self.batch, self.claimed, self.outcomes = batch, claimed, outcomes
+        self._stores, self._heartbeat = stores, heartbeat
+
+    @property
+    def job_ids(self) -> list[str]:
+        return [job.id for job in self.claimed]
+
+    @property
+    def images(self) -> int:
+        return sum(len(store.uploads) for store in self._stores)
+
+    def store(self) -> list[Outcome]:
+        """Encode, upload, finish. Raises Interrupted on infrastructure trouble, after handing the
+        jobs back like a failed `start`."""
+        batch = self.batch
+        try:
+            for store in self._stores:
+                batch._store(store)
+            uploaded = finish(batch.settings, self.outcomes)
+            batch._drop_canceled(uploaded)
+        except Exception as exc:
+            raise batch._interrupted(self.claimed, exc) from exc
+        finally:
+            self._heartbeat.stop()
+            self._stores = []  # the decoded images go now, not when the caller drops this object
+        if batch.presence is not None:
+            batch.presence.images_done += sum(len(o.output_keys) for o in self.outcomes
+                                              if o.status == JobStatus.SUCCEEDED)
+        return self.outcomes
+
+
 class MicroBatch:
     """One micro-batch's run through the stages, with the worker's warm engines and storage."""
 
@@ -206,37 +256,47 @@ class MicroBatch:
         return load
 
     def run(self, job_ids: Sequence[str], interrupted: Mapping[str, int] | None = None) -> list[Outcome]:
-        """Claim, run and finish; raises Interrupted on infrastructure trouble, after handing the
-        claimed jobs back uncharged where the database allows."""
+        """Claim, run and store, all in this thread (`start`, then `Staged.store`)."""
+        staged = self.start(job_ids, interrupted)
+        return staged.store() if staged is not None else []
+
+    def start(self, job_ids: Sequence[str], interrupted: Mapping[str, int] | None = None) -> Staged | None:
+        """Claim and run the engine. What is left (encode, upload, finish) is returned as a `Staged`
+        that holds the leases until it is stored, here or in the worker's pipeline while the engine
+        runs the next micro-batch. None when nothing was claimed. Raises Interrupted on
+        infrastructure trouble, after handing the claimed jobs back uncharged where the database allows."""
         with session_scope(self.settings.database_url) as session:
             claimed = claim(session, job_ids, self.worker, self.settings, interrupted)
         if not claimed:
-            return []
+            return None
         now = utcnow()
         outcomes = [Outcome(job, timings={"queued": round((now - job.created_at).total_seconds(), 4)})
                     for job in claimed]
+        heartbeat = Heartbeat(self.settings, claimed).start()
         try:
-            with Heartbeat(self.settings, claimed), self._holding(claimed):
-                self._run_all(outcomes)
+            with self._holding(claimed):
+                stores = self._run_all(outcomes)
         except Exception as exc:
-            held: dict[str, int] = {}
-            try:
-                release(self.settings, claimed, f"{type(exc).__name__}: {exc}")
-            except Exception as again:  # the database is down too: the retry takes these runs over
-                log.warning("could not hand back %d jobs (%s); the retry takes them over", len(claimed), again)
-                held = {job.id: job.claims for job in claimed}
-            raise Interrupted(exc, held) from exc
-        if self.presence is not None:
-            self.presence.images_done += sum(len(o.output_keys) for o in outcomes
-                                             if o.status == JobStatus.SUCCEEDED)
-        return outcomes
+            heartbeat.stop()
+            raise self._interrupted(claimed, exc) from exc
+        return Staged(self, claimed, outcomes, stores, heartbeat)
+
+    def _interrupted(self, claimed: Sequence[Claimed], exc: Exception) -> Interrupted:
+        held: dict[str, int] = {}
+        try:
+            release(self.settings, claimed, f"{type(exc).__name__}: {exc}")
+        except Exception as again:  # the database is down too: the retry takes these runs over
+            log.warning("could not hand back %d jobs (%s); the retry takes them over", len(claimed), again)
+            held = {job.id: job.claims for job in claimed}
+        return Interrupted(exc, held)
 
     def _holding(self, claimed: Sequence[Claimed]) -> AbstractContextManager[None]:
         if self.presence is None:
             return nullcontext()
         return self.presence.holding([job.id for job in claimed], claimed[0].model)
 
-    def _run_all(self, outcomes: list[Outcome]) -> None:
+    def _run_all(self, outcomes: list[Outcome]) -> list[_Store]:
+        stores: list[_Store] = []
         by_model: dict[str, list[Outcome]] = {}
         for outcome in outcomes:
             by_model.setdefault(outcome.job.model, []).append(outcome)
@@ -248,11 +308,10 @@ class MicroBatch:
                 for outcome in group:
                     outcome.fail(ErrorCode.MODEL_UNAVAILABLE, f"model {model!r}: {exc}")
                 continue
-            self._run_group(engine, group, loading)
-        uploaded = finish(self.settings, outcomes)
-        self._drop_canceled(uploaded)
+            stores += self._run_group(engine, group, loading)
+        return stores
 
-    def _run_group(self, engine: Engine, group: list[Outcome], loading: float) -> None:
+    def _run_group(self, engine: Engine, group: list[Outcome], loading: float) -> list[_Store]:
         pending: list[tuple[Outcome, list[ImageRequest]]] = []
         for outcome in group:
             outcome.fingerprint = fingerprint(outcome.job, engine)
@@ -275,7 +334,7 @@ class MicroBatch:
             pending.append((outcome, requests))
         flat = [req for _, reqs in pending for req in reqs]
         if not flat:
-            return
+            return []
         started = time.perf_counter()
         watch = Watch(self.settings, [outcome.job for outcome, _ in pending])
         try:
@@ -284,7 +343,7 @@ class MicroBatch:
         except Canceled:
             for outcome, _ in pending:
                 outcome.status = JobStatus.CANCELED
-            return
+            return []
         run_seconds = (time.perf_counter() - started) / len(flat)
         load_seconds = (started - loading) / len(flat)
         canceled = watch.canceled_now()  # canceled while it ran: nothing of theirs is uploaded
@@ -316,6 +375,18 @@ class MicroBatch:
             steps = sum(r.steps for r in reqs) if engine.profile.seeded else 0
             outcome.usage = Usage.of((r.image.size for r in images), steps, run_seconds * len(reqs),
                                      device_kind(engine))
+        return [_Store(uploads, thumbnails, [outcome for outcome, _ in pending], watch)]
+
+    def _store(self, store: _Store) -> None:
+        """Encode and upload one group's outputs and thumbnails; jobs canceled since their forward
+        pass upload nothing."""
+        canceled = store.watch.canceled_now()
+        for outcome in store.outcomes:
+            if outcome.job.id in canceled and outcome.status == JobStatus.SUCCEEDED:
+                outcome.status, outcome.output_keys = JobStatus.CANCELED, []
+        live = {key for outcome in store.outcomes for key in outcome.output_keys}
+        uploads = [up for up in store.uploads if up[0] in live]
+        thumbnails = [(job, pairs) for job, pairs in store.thumbnails if job.id not in canceled]
         clock = Stopwatch()
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
         with ThreadPoolExecutor(max_workers=self.settings.upload_concurrency) as pool:
@@ -324,7 +395,7 @@ class MicroBatch:
                           uploads))
             list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
                                                  self._image(t[0].tenant_id)), thumbnails))
-        for outcome, _ in pending:
+        for outcome in store.outcomes:
             if outcome.status == JobStatus.SUCCEEDED:
                 outcome.timings["encode"] = clock.total("encode", outcome.output_keys)
                 outcome.timings["upload"] = clock.total("upload", outcome.output_keys)
@@ -459,10 +530,16 @@ class Heartbeat:
             except Exception as exc:  # a missed beat only shortens the lease; the next one retries
                 log.warning("lease renewal failed: %s", exc)
 
-    def __enter__(self) -> Heartbeat:
+    def start(self) -> Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *_: object) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
-from celery.signals import celeryd_after_setup, worker_process_init, worker_process_shutdown
+from celery.signals import celeryd_after_setup, worker_process_init
 from sqlalchemy import insert, update
 
 from core.db import session_scope
@@ -126,7 +126,7 @@ def _start(**_: Any) -> None:
         _presence = Presence(get_settings(), _node["name"], _node["queues"]).start()
 
 
-@worker_process_shutdown.connect
-def _stop(**_: Any) -> None:
+def stop() -> None:
+    """Record this pool process stopped (workers.signals calls it on its way out)."""
     if _presence is not None:
         _presence.stop()

@@ -1,11 +1,16 @@
 """Thin task shims of the inference workers: the work is in `workers.batch`, which knows no Celery.
 
+The forward pass runs in the task; storing its outputs runs in the process's pipeline
+(`workers.pipeline`) while the next message's forward pass runs.
+
 Retry is decided here, once. An item's own failure is recorded on the job and never retried.
 Infrastructure trouble (storage, database, broker) hands the jobs back without charging them an
 attempt and retries the message with backoff, doubling from STEP1X_OUTAGE_RETRY_BASE up to
 STEP1X_OUTAGE_RETRY_MAX, for as long as the trouble lasts within STEP1X_OUTAGE_BUDGET. Past the
 budget the jobs fail with error_code "outage" when they are handed back; if even the database is
 gone by then, the message is dropped and the reconciler sends the jobs again once it is back.
+Trouble while storing is handled the same way: the pipeline hands the jobs back and sends the
+message again.
 """
 
 from __future__ import annotations
@@ -18,49 +23,71 @@ from typing import Any
 from celery import Task
 
 from core.dispatch import RUN_BATCH
-from core.settings import get_settings
+from core.settings import Settings, get_settings
 from core.storage import Storage
 from models.profiles import Registry
 from workers import registry, telemetry
 from workers.app import app
 from workers.batch import Interrupted, MicroBatch
 from workers.pause import hand_back_if_paused
+from workers.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 
 @cache
-def _worker_state() -> tuple[Storage, Registry]:
+def _worker_state() -> tuple[Storage, Registry, Pipeline]:
     """Built on first use inside the worker process (after fork), then kept warm."""
     settings = get_settings()
     engines = Registry(settings)
     presence = registry.current()
     if presence is not None:
         presence.profiles = engines.loaded
-    return Storage(settings), engines
+    return Storage(settings), engines, Pipeline(settings.pipeline_depth)
+
+
+def _next_try(settings: Settings, exc: Exception, job_ids: list[str], interrupted: dict[str, int] | None,
+              trouble_since: float | None, retries: int) -> tuple[dict[str, Any], float] | None:
+    """The retry's kwargs and countdown after infrastructure trouble, or None past the budget."""
+    held = {**(interrupted or {}), **exc.held} if isinstance(exc, Interrupted) else interrupted
+    since = trouble_since or time.time()
+    if time.time() - since > settings.outage_budget:
+        log.error("micro-batch of %d: infrastructure down for over %gs (%s); leaving its jobs to the "
+                  "reconciler", len(job_ids), settings.outage_budget, exc)
+        return None
+    countdown = min(settings.outage_retry_max, settings.outage_retry_base * 2**retries)
+    log.warning("micro-batch of %d interrupted (%s); retrying in %.1fs", len(job_ids), exc, countdown)
+    return {"interrupted": held, "trouble_since": since}, countdown
 
 
 @app.task(name=RUN_BATCH, bind=True, max_retries=None)
 def run_batch(self: Task, job_ids: list[str], interrupted: dict[str, int] | None = None,
               trouble_since: float | None = None) -> dict[str, Any]:
+    """Runs the forward pass, then hands the outputs to the pipeline and returns: the next message
+    runs while these are stored."""
     settings = get_settings()
     if hand_back_if_paused(self, settings, job_ids):
         return {"claimed": 0, "paused": True}
-    storage, engines = _worker_state()
-    batch = MicroBatch(settings, storage, engines.get, worker=self.request.hostname or "worker",
-                       presence=registry.current())
+    storage, engines, pipeline = _worker_state()
+    worker = self.request.hostname or "worker"
+    batch = MicroBatch(settings, storage, engines.get, worker=worker, presence=registry.current())
     try:
-        outcomes = batch.run(job_ids, interrupted)
+        staged = batch.start(job_ids, interrupted)
     except Exception as exc:  # Interrupted, or the claim itself could not reach the database
-        held = {**(interrupted or {}), **exc.held} if isinstance(exc, Interrupted) else interrupted
-        since = trouble_since or time.time()
-        if time.time() - since > settings.outage_budget:
-            log.error("micro-batch of %d: infrastructure down for over %gs (%s); leaving its jobs to the "
-                      "reconciler", len(job_ids), settings.outage_budget, exc)
+        plan = _next_try(settings, exc, job_ids, interrupted, trouble_since, self.request.retries)
+        if plan is None:
             return {"claimed": 0, "succeeded": 0}
-        countdown = min(settings.outage_retry_max, settings.outage_retry_base * 2**self.request.retries)
-        log.warning("micro-batch of %d interrupted (%s); retrying in %.1fs", len(job_ids), exc, countdown)
-        raise self.retry(exc=exc, countdown=countdown,
-                         kwargs={"interrupted": held, "trouble_since": since}) from exc
-    telemetry.record(outcomes, self.request.hostname or "worker")
-    return {"claimed": len(outcomes), "succeeded": sum(o.status == "succeeded" for o in outcomes)}
+        raise self.retry(exc=exc, countdown=plan[1], kwargs=plan[0]) from exc
+    if staged is None:
+        return {"claimed": 0}
+    request = self.request
+
+    def resend(exc: Interrupted) -> None:
+        """The store was interrupted: send the message again, as `retry` would have."""
+        plan = _next_try(settings, exc, job_ids, interrupted, trouble_since, request.retries)
+        if plan is not None:
+            self.signature_from_request(request, kwargs=plan[0], countdown=plan[1],
+                                        retries=request.retries + 1).apply_async()
+
+    pipeline.put(staged, lambda outcomes: telemetry.record(outcomes, worker), resend)
+    return {"claimed": len(staged.claimed), "images": staged.images}

@@ -1,0 +1,77 @@
+"""The worker's store pipeline: while the engine runs micro-batch N+1, a background thread encodes
+and uploads micro-batch N and finishes its jobs. The task returns once its forward pass is done,
+so the next message reaches the engine without waiting on storage.
+
+Bounded: at most STEP1X_PIPELINE_DEPTH micro-batches are being stored or wait for it; a task whose
+forward pass ends while the pipeline is full waits for room (back-pressure when storage falls
+behind), so memory holds that many micro-batches of outputs beside the one in the engine.
+Micro-batches are stored one at a time, in the order their forward passes ended (each one
+uploads its objects in parallel).
+
+Nothing is lost on a crash: a job is finished only after its outputs are stored, and until then
+it is running under a lease its heartbeat keeps renewing; if the process dies, the reconciler
+recovers it like any run of a lost worker. Before a pool process exits (warm shutdown, recycling)
+the pipeline is drained. A store interrupted by infrastructure trouble hands its jobs back and
+sends their message again with backoff, as a failed task does (`workers.tasks`).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import NamedTuple
+
+from workers.batch import Interrupted, Outcome, Staged
+
+log = logging.getLogger(__name__)
+_pipelines: list[Pipeline] = []  # this process's
+
+
+
+def drain_all() -> None:
+    """Store what every pipeline of this process holds (a pool process on its way out)."""
+    for pipeline in _pipelines:
+        pipeline.drain()
+
+
+class _Entry(NamedTuple):
+    staged: Staged
+    done: Callable[[list[Outcome]], None]
+    interrupted: Callable[[Interrupted], None]
+
+
+class Pipeline:
+    def __init__(self, depth: int) -> None:
+        self._room = threading.BoundedSemaphore(max(1, depth))
+        self._entries: queue.Queue[_Entry] = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="store-pipeline", daemon=True)
+        self._thread.start()
+        _pipelines.append(self)
+
+    def put(self, staged: Staged, done: Callable[[list[Outcome]], None],
+            interrupted: Callable[[Interrupted], None]) -> None:
+        """Hand a micro-batch over to be stored; waits while the pipeline is full."""
+        self._room.acquire()
+        self._entries.put(_Entry(staged, done, interrupted))
+
+    def drain(self) -> None:
+        """Wait until every micro-batch handed over is stored (or handed back)."""
+        self._entries.join()
+
+    def _loop(self) -> None:
+        while True:
+            entry = self._entries.get()
+            try:
+                try:
+                    outcomes = entry.staged.store()
+                except Interrupted as exc:
+                    entry.interrupted(exc)
+                else:
+                    entry.done(outcomes)
+            except Exception:  # the thread must outlive any one micro-batch; its jobs are recovered by lease
+                log.exception("storing a micro-batch of %d failed", len(entry.staged.job_ids))
+            finally:
+                self._room.release()
+                self._entries.task_done()
