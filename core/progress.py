@@ -5,7 +5,8 @@ that inserts, deletes or changes the status of its jobs. Every path is covered, 
 the worker's claim and finish, hand-backs and refunds, the reconciler's recoveries, cancels,
 operator retries, URL-fetch failures, expiry, retention, and SQL typed by hand. No caller has to
 remember anything, so reading a batch is one row (no COUNT over 100,000 jobs) and finishing a
-micro-batch never counts the whole batch.
+micro-batch never counts the whole batch. One more trigger keeps each batch's usage totals (per
+device kind, in `batch_usage`) the same way, whenever a job's usage is recorded or replaced.
 
 PostgreSQL runs one statement-level trigger per statement (transition tables: one UPDATE per batch
 touched, in batch id order, so two transactions lock batch rows in the same order); SQLite runs a
@@ -27,7 +28,8 @@ from core.tables import Batch, Job, utcnow
 COUNTERS: Mapping[JobStatus, InstrumentedAttribute[int]] = {
     status: getattr(Batch, f"{status.value}_count") for status in JobStatus}
 
-TRIGGERS = ("step1x_progress_insert", "step1x_progress_update", "step1x_progress_delete")
+TRIGGERS = ("step1x_progress_insert", "step1x_progress_update", "step1x_progress_delete", "step1x_usage_update")
+USAGE = ("usage_megapixels", "usage_steps", "usage_compute_seconds", "usage_device")
 
 
 def _deltas(alias: str, sign: str) -> str:
@@ -45,6 +47,43 @@ def _sqlite() -> list[str]:
         f"UPDATE batches SET {_deltas('NEW', '+')} WHERE id = NEW.batch_id; END",
         f"CREATE TRIGGER IF NOT EXISTS {TRIGGERS[2]} AFTER DELETE ON jobs WHEN OLD.batch_id IS NOT NULL "
         f"BEGIN UPDATE batches SET {_deltas('OLD', '-')} WHERE id = OLD.batch_id; END",
+        f"CREATE TRIGGER IF NOT EXISTS {TRIGGERS[3]} AFTER UPDATE OF {', '.join(USAGE)} ON jobs "
+        "WHEN NEW.batch_id IS NOT NULL AND (" + " OR ".join(f"OLD.{c} IS NOT NEW.{c}" for c in USAGE) + ") "
+        f"BEGIN {_sqlite_usage('OLD', '-')} {_sqlite_usage('NEW', '+')} END",
+    ]
+
+
+def _sqlite_usage(row: str, sign: str) -> str:
+    device, where = f"coalesce({row}.usage_device, '')", f"{row}.usage_megapixels IS NOT NULL"
+    return (f"INSERT OR IGNORE INTO batch_usage (batch_id, device, megapixels, steps, compute_seconds) "
+            f"SELECT NEW.batch_id, {device}, 0, 0, 0 WHERE {where}; "
+            f"UPDATE batch_usage SET megapixels = megapixels {sign} {row}.usage_megapixels, "
+            f"steps = steps {sign} coalesce({row}.usage_steps, 0), "
+            f"compute_seconds = compute_seconds {sign} coalesce({row}.usage_compute_seconds, 0) "
+            f"WHERE {where} AND batch_id = NEW.batch_id AND device = {device};")
+
+
+def _postgresql_usage() -> list[str]:
+    """Rows whose usage changed: minus the old figures, plus the new, summed per batch and device."""
+    changed = ("SELECT n.batch_id, " + ", ".join(f"n.{c} AS n_{c}, o.{c} AS o_{c}" for c in USAGE) +
+               " FROM new_rows n JOIN old_rows o ON o.id = n.id WHERE n.batch_id IS NOT NULL AND (" +
+               ", ".join(f"n.{c}" for c in USAGE) + ") IS DISTINCT FROM (" + ", ".join(f"o.{c}" for c in USAGE) + ")")
+    sides = " UNION ALL ".join(
+        f"SELECT batch_id, coalesce({p}_usage_device, '') AS device, {sign}{p}_usage_megapixels AS mp, "
+        f"{sign}coalesce({p}_usage_steps, 0) AS st, {sign}coalesce({p}_usage_compute_seconds, 0) AS sec "
+        f"FROM changed WHERE {p}_usage_megapixels IS NOT NULL" for p, sign in (("n", ""), ("o", "-")))
+    trigger = TRIGGERS[3]
+    return [
+        f"CREATE OR REPLACE FUNCTION {trigger}() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+        f"WITH changed AS ({changed}), d AS ({sides}) "
+        "INSERT INTO batch_usage AS u (batch_id, device, megapixels, steps, compute_seconds) "
+        "SELECT batch_id, device, sum(mp), sum(st), sum(sec) FROM d GROUP BY batch_id, device "
+        "ORDER BY batch_id, device ON CONFLICT (batch_id, device) DO UPDATE SET "
+        "megapixels = u.megapixels + excluded.megapixels, steps = u.steps + excluded.steps, "
+        "compute_seconds = u.compute_seconds + excluded.compute_seconds; RETURN NULL; END $$",
+        f"DROP TRIGGER IF EXISTS {trigger} ON jobs",
+        f"CREATE TRIGGER {trigger} AFTER UPDATE ON jobs REFERENCING NEW TABLE AS new_rows OLD TABLE AS old_rows "
+        f"FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()",
     ]
 
 
@@ -69,7 +108,7 @@ def _postgresql() -> list[str]:
             f"CREATE TRIGGER {trigger} AFTER {event} ON jobs REFERENCING {referencing} "
             f"FOR EACH STATEMENT EXECUTE FUNCTION {trigger}()",
         ]
-    return statements
+    return statements + _postgresql_usage()
 
 
 def install(connection: Connection) -> None:

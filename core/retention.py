@@ -25,7 +25,7 @@ from core.jobs import complete_batches, get_batch
 from core.settings import Settings
 from core.status import ErrorCode, JobStatus, failure, sources_of
 from core.storage import Storage, output_prefix
-from core.tables import Batch, IdempotencyKey, Job, utcnow
+from core.tables import Batch, BatchUsage, IdempotencyKey, Job, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -100,4 +100,5 @@ def delete_batch(settings: Settings, storage: Storage, tenant: str, batch_id: st
         session.execute(delete(Job).where(Job.batch_id == batch_id, Job.tenant_id == tenant))
         session.execute(delete(IdempotencyKey).where(IdempotencyKey.tenant_id == tenant,
                                                      IdempotencyKey.resource_id == batch_id))
+        session.execute(delete(BatchUsage).where(BatchUsage.batch_id == batch_id))
         session.execute(delete(Batch).where(Batch.id == batch_id, Batch.tenant_id == tenant))

@@ -120,6 +120,19 @@ class Batch(Base):
     outputs_deleted_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
+class BatchUsage(Base):
+    """What a batch's jobs cost so far, per device kind, moved by a trigger on jobs whenever a job's
+    usage is recorded (core.progress): a batch's totals are read without summing 100,000 jobs."""
+
+    __tablename__ = "batch_usage"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), primary_key=True)
+    device: Mapped[str] = mapped_column(String(16), primary_key=True)  # "" where none was recorded
+    megapixels: Mapped[float] = mapped_column(Float, default=0.0)
+    steps: Mapped[int] = mapped_column(BigInteger, default=0)
+    compute_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (

@@ -10,10 +10,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from core.tables import Job
+from core.tables import BatchUsage, Job
 
 
 @dataclass
@@ -42,14 +42,12 @@ def job_usage(job: Job) -> dict[str, Any] | None:
 
 
 def batch_usage(session: Session, batch_id: str) -> dict[str, Any]:
-    """Totals over the batch's jobs, with compute seconds split by device kind."""
-    rows = session.execute(
-        select(Job.usage_device, func.sum(Job.usage_megapixels), func.sum(Job.usage_steps),
-               func.sum(Job.usage_compute_seconds))
-        .where(Job.batch_id == batch_id, Job.usage_megapixels.is_not(None)).group_by(Job.usage_device)
-    ).all()
-    by_device = {device: round(float(seconds or 0), 4) for device, _, _, seconds in rows if device}
-    return {"megapixels": round(sum(float(mp or 0) for _, mp, _, _ in rows), 6),
-            "steps": sum(int(steps or 0) for _, _, steps, _ in rows),
+    """Totals over the batch's jobs, with compute seconds split by device kind: a row per device
+    kind, kept by a trigger (core.progress), never a sum over the jobs."""
+    rows = session.execute(select(BatchUsage.device, BatchUsage.megapixels, BatchUsage.steps,
+                                  BatchUsage.compute_seconds).where(BatchUsage.batch_id == batch_id)).all()
+    by_device = {device: round(float(seconds), 4) for device, _, _, seconds in rows if device}
+    return {"megapixels": round(sum(float(mp) for _, mp, _, _ in rows), 6),
+            "steps": sum(int(steps) for _, _, steps, _ in rows),
             "compute_seconds": round(sum(by_device.values()), 4),
             "compute_seconds_by_device": by_device}

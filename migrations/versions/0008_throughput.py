@@ -1,4 +1,4 @@
-"""batch progress counters kept by triggers on jobs, batch dispatch stamp, calibrations
+"""batch progress counters and usage totals kept by triggers on jobs, batch dispatch stamp, calibrations
 
 Revision ID: 0008_throughput
 Revises: 0003_catalog
@@ -38,16 +38,32 @@ def upgrade() -> None:
         sa.Column("measured_at", sa.DateTime(), nullable=False),
         sa.PrimaryKeyConstraint("profile", "device"),
     )
+    op.create_table(
+        "batch_usage",
+        sa.Column("batch_id", sa.String(length=40), nullable=False),
+        sa.Column("device", sa.String(length=16), nullable=False),
+        sa.Column("megapixels", sa.Float(), nullable=False),
+        sa.Column("steps", sa.BigInteger(), nullable=False),
+        sa.Column("compute_seconds", sa.Float(), nullable=False),
+        sa.ForeignKeyConstraint(["batch_id"], ["batches.id"]),
+        sa.PrimaryKeyConstraint("batch_id", "device"),
+    )
     # Existing batches start from their job rows; from here on the triggers move the counters. Last,
     # so that no table rebuild above (SQLite batch mode) can drop or break them.
     for status in COUNTERS:
         op.execute(f"UPDATE batches SET {status}_count = (SELECT count(*) FROM jobs "
                    f"WHERE jobs.batch_id = batches.id AND jobs.status = '{status}')")
+    op.execute("INSERT INTO batch_usage (batch_id, device, megapixels, steps, compute_seconds) "
+               "SELECT batch_id, coalesce(usage_device, ''), sum(usage_megapixels), sum(coalesce(usage_steps, 0)), "
+               "sum(coalesce(usage_compute_seconds, 0)) FROM jobs "
+               "WHERE batch_id IS NOT NULL AND usage_megapixels IS NOT NULL "
+               "GROUP BY batch_id, coalesce(usage_device, '')")
     progress.install(op.get_bind())
 
 
 def downgrade() -> None:
     progress.uninstall(op.get_bind())
+    op.drop_table("batch_usage")
     op.drop_table("calibrations")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.create_index("ix_jobs_tenant_id", ["tenant_id"], unique=False)

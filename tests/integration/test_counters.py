@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, delete, insert, select, update
+from sqlalchemy import create_engine, delete, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from core import progress
 from core.db import session_scope, upgrade
@@ -22,17 +24,34 @@ from core.settings import Settings
 from core.status import JobStatus
 from core.storage import Storage
 from core.tables import Batch, Job, Tenant, utcnow
+from core.usage import batch_usage
 from models.profiles import Registry
 from tests.integration.helpers import api_client, png, upload
 from workers.batch import MicroBatch, Outcome, claim, finish, release
 from workers.reconcile import reconcile
 
 
+def summed_usage(session: Session, batch_id: str) -> dict[str, Any]:
+    """A batch's usage summed over its job rows, per device: what the kept totals must equal."""
+    rows = session.execute(
+        select(Job.usage_device, func.sum(Job.usage_megapixels), func.sum(Job.usage_steps),
+               func.sum(Job.usage_compute_seconds))
+        .where(Job.batch_id == batch_id, Job.usage_megapixels.is_not(None)).group_by(Job.usage_device)).all()
+    by_device = {device: round(float(seconds or 0), 4) for device, _, _, seconds in rows if device}
+    return {"megapixels": round(sum(float(mp or 0) for _, mp, _, _ in rows), 6),
+            "steps": sum(int(steps or 0) for _, _, steps, _ in rows),
+            "compute_seconds": round(sum(by_device.values()), 4), "compute_seconds_by_device": by_device}
+
+
 def assert_true(settings: Settings, batch_id: str) -> dict[str, int]:
-    """The consistency check: the batch row's counters == its jobs counted by status."""
+    """The consistency check: the batch row's counters == its jobs counted by status, and its usage
+    totals == its jobs' usage summed."""
     with session_scope(settings.database_url) as session:
         counters, counted = progress.read(session, batch_id), progress.recount(session, batch_id)
+        kept, summed = batch_usage(session, batch_id), summed_usage(session, batch_id)
     assert counters == counted
+    split = "compute_seconds_by_device"
+    assert kept.pop(split) == pytest.approx(summed.pop(split)) and kept == pytest.approx(summed)
     return {status: n for status, n in counters.items() if n}
 
 
@@ -82,6 +101,8 @@ def test_counters_follow_every_transition(settings: Settings) -> None:
     worker = MicroBatch(settings, Storage(settings), Registry(settings).get, worker="w2@host")
     worker.run(ids)
     assert assert_true(settings, batch_id) == {"succeeded": 6, "canceled": 2}
+    with session_scope(settings.database_url) as session:  # five drew 64x64 (the retried one's replaced its
+        assert batch_usage(session, batch_id)["megapixels"] == pytest.approx(5 * 64 * 64 / 1e6)  # failed run's)
     # The same items again: every output comes from the identical-job cache, not the engine.
     again = client.post("/v1/batches", json={"items": items[:3]}).json()["id"]
     worker.run(ids_of(settings, again))
@@ -133,4 +154,12 @@ def test_counters_on_sqlite(tmp_path: Path) -> None:
         session.execute(update(Job).where(Job.id == "job_4").values(seed=99))  # no status change
         session.execute(delete(Job).where(Job.id == "job_3"))
     assert assert_true(settings, "bat_1") == {"queued": 1, "running": 1, "succeeded": 1, "failed": 1}
+    with session_scope(url) as session:  # usage recorded, then replaced by a re-run on another device
+        session.execute(update(Job).where(Job.id.in_(["job_0", "job_1"])).values(
+            usage_megapixels=0.25, usage_steps=10, usage_compute_seconds=2.0, usage_device="cpu"))
+        session.execute(update(Job).where(Job.id == "job_1").values(
+            usage_megapixels=0.5, usage_steps=20, usage_compute_seconds=0.5, usage_device="cuda"))
+        assert batch_usage(session, "bat_1") == {"megapixels": 0.75, "steps": 30, "compute_seconds": 2.5,
+                                                 "compute_seconds_by_device": {"cpu": 2.0, "cuda": 0.5}}
+    assert_true(settings, "bat_1")
     create_engine(url).dispose()
