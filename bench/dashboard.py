@@ -31,6 +31,7 @@ TARGETS = {"overview": 0.3, "batch list": 0.3, "batch detail (100,000 jobs)": 0.
 # Batches are written by hand here: their Python-side defaults (completion window, output TTL)
 # must be spelled out.
 WINDOWS = f"{24 * 3600}, {7 * 24 * 3600}"
+BATCH_COLUMNS = "id, tenant_id, metadata, total, canceled, completion_window, output_ttl, created_at"
 JOB_COLUMNS = ("id, tenant_id, batch_id, custom_id, kind, model, spec, seed, lane, group_key, cost, status, "
                "attempts, worker, error, output_keys, created_at, started_at, finished_at")
 
@@ -58,14 +59,14 @@ def seed(url: str) -> str:
         conn.execute(text("INSERT INTO tenants (id, created_at) VALUES ('acme', now()), ('ops', now())"))
         for b in range(9):
             batch = f"bat_done{b}"
-            conn.execute(text("INSERT INTO batches (id, tenant_id, metadata, total, canceled, completion_window, output_ttl, created_at, finished_at) "
+            conn.execute(text(f"INSERT INTO batches ({BATCH_COLUMNS}, finished_at) "
                               f"VALUES ('{batch}', 'acme', '{{\"catalog\": \"c{b}\"}}', {BIG}, false, {WINDOWS}, "
                               f"now() AT TIME ZONE 'utc' - interval '{10 - b} days', now() AT TIME ZONE 'utc')"))
             conn.execute(text(_jobs_sql(batch, BIG, "CASE WHEN g % 97 = 0 THEN 'failed' ELSE 'succeeded' END",
                                         f"now() AT TIME ZONE 'utc' - interval '{10 - b} days' + g * interval '5 ms'",
                                         f"{10 - b} days")))
         for s in range(SMALL_BATCHES):
-            conn.execute(text("INSERT INTO batches (id, tenant_id, metadata, total, canceled, completion_window, output_ttl, created_at, finished_at) "
+            conn.execute(text(f"INSERT INTO batches ({BATCH_COLUMNS}, finished_at) "
                               f"VALUES ('bat_small{s}', 'acme', '{{}}', {SMALL}, false, {WINDOWS}, "
                               f"now() AT TIME ZONE 'utc' - interval '{s + 60} minutes', now() AT TIME ZONE 'utc')"))
         conn.execute(text(f"""
@@ -77,7 +78,7 @@ def seed(url: str) -> str:
                    now() AT TIME ZONE 'utc' - interval '2 hours'
             FROM generate_series(0, {SMALL_BATCHES - 1}) AS s, generate_series(1, {SMALL}) AS g"""))
         running = "bat_running"
-        conn.execute(text("INSERT INTO batches (id, tenant_id, metadata, total, canceled, completion_window, output_ttl, created_at) "
+        conn.execute(text(f"INSERT INTO batches ({BATCH_COLUMNS}) "
                           f"VALUES ('{running}', 'acme', '{{\"catalog\": \"live\"}}', {BIG}, false, {WINDOWS}, "
                           "now() AT TIME ZONE 'utc' - interval '50 minutes')"))
         half = BIG // 2
