@@ -1,6 +1,8 @@
 """Thumbnails: a small WebP (256 px on the long side) next to each output and input, for pages.
 
-The dashboard shows only these, through presigned URLs, never the full-size images. Keys follow the
+The dashboard shows only these, through presigned URLs, never the full-size images. An output no
+larger than a thumbnail gets none (it would be a second copy of the same pixels, and a second PUT
+per job): its job's result says `"thumbnails": false` and pages show the output itself. Keys follow the
 image's own key, so a re-run overwrites its thumbnail like its output, and an input's thumbnail
 (inputs are content-addressed) is written once however many jobs use it.
 """
@@ -26,6 +28,15 @@ def thumb_key(output_key: str) -> str:
     return f"thumbs/{stem}.webp"
 
 
+def needed(image: Image.Image) -> bool:
+    return max(image.size) > SIZE
+
+
+def shown(output_key: str, result: dict[str, Any] | None) -> str:
+    """The key a page shows for an output: its thumbnail, or the output itself when it had none."""
+    return thumb_key(output_key) if (result or {}).get("thumbnails", True) else output_key
+
+
 def input_thumb_key(tenant: str, file_id: str) -> str:
     return f"thumbs/{tenant}/inputs/{file_id}.webp"
 
@@ -43,7 +54,8 @@ def store(storage: Storage, tenant: str, spec: dict[str, Any], outputs: Sequence
     """Thumbnails of a finished job's outputs and, once per process, of its inputs (the "before"
     of an inpainting's before/after)."""
     for key, image in outputs:
-        storage.put(thumb_key(key), encode(image), "image/webp")
+        if needed(image):
+            storage.put(thumb_key(key), encode(image), "image/webp")
     for field in INPUT_FIELDS:
         file_id = spec.get(field)
         if isinstance(file_id, str) and (key := input_thumb_key(tenant, file_id)) not in _written_inputs:

@@ -12,5 +12,5 @@ app = app_for(settings)
 
 import workers.deliver  # noqa: E402  (webhook deliveries and URL fetches, on the control queue)
 import workers.registry  # noqa: E402  (the heartbeat into the workers table)
-import workers.signals  # noqa: E402  (registers timing and process shutdown hooks)
+import workers.signals  # noqa: E402  (registers timing/logging hooks)
 import workers.tasks  # noqa: E402,F401  (registers the tasks on `app`)

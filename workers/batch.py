@@ -10,6 +10,7 @@ worker whose lease was taken over cannot overwrite the newer attempt's result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -369,7 +370,8 @@ class MicroBatch:
             thumbnails.append((job, [(key, r.image) for key, r in zip(keys, images, strict=True)]))
             outcome.output_keys = keys
             outcome.result = {"seeds": [r.seed for r in images], "model": engine.name,
-                              "model_hash": engine.model_hash, "versions": library_versions(), "cached": False}
+                              "model_hash": engine.model_hash, "versions": library_versions(), "cached": False,
+                              "thumbnails": any(thumbs.needed(r.image) for r in images)}
             outcome.timings["run"] = round(run_seconds * len(reqs), 4)
             outcome.timings["load"] = round(load_seconds * len(reqs), 4)
             steps = sum(r.steps for r in reqs) if engine.profile.seeded else 0
@@ -438,6 +440,10 @@ class MicroBatch:
                 self.storage.copy(src, dst)
         except NotFound:  # the earlier output was deleted from the bucket: draw it again
             return False
+        if (source_result or {}).get("thumbnails", True):
+            for src, dst in zip(source_keys, keys, strict=True):
+                with contextlib.suppress(NotFound):  # pages then show no picture, nothing worse
+                    self.storage.copy(thumbs.thumb_key(src), thumbs.thumb_key(dst))
         outcome.output_keys = keys
         outcome.result = {**(source_result or {}), "cached": True}
         return True

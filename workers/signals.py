@@ -1,5 +1,4 @@
-"""Cross-cutting concerns in Celery signals, not in task bodies: how long each task took, and a
-pool process's way out."""
+"""Cross-cutting concerns in Celery signals, not in task bodies: how long each task took."""
 
 from __future__ import annotations
 
@@ -7,9 +6,7 @@ import logging
 import time
 from typing import Any
 
-from celery.signals import task_postrun, task_prerun, worker_process_shutdown
-
-from workers import pipeline, registry
+from celery.signals import task_postrun, task_prerun
 
 log = logging.getLogger("workers.timing")
 _started: dict[str, float] = {}
@@ -28,11 +25,3 @@ def _stop(task_id: str | None = None, task: Any = None, retval: Any = None, stat
     if began is not None:
         log.info("%s %s in %.3fs: %s", getattr(task, "name", "task"), state, time.perf_counter() - began, retval)
 
-
-@worker_process_shutdown.connect
-def _shutdown(**_: Any) -> None:
-    """Warm shutdown or recycling: store what the pipeline holds, then record the process stopped.
-    In that order: a stopped worker's running jobs are recovered elsewhere, and these are still
-    being stored."""
-    pipeline.drain_all()
-    registry.stop()

@@ -21,29 +21,38 @@ from functools import cache
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_process_shutdown
 
 from core.dispatch import RUN_BATCH
 from core.settings import Settings, get_settings
 from core.storage import Storage
 from models.profiles import Registry
-from workers import registry, telemetry
+from workers import pipeline, registry, telemetry
 from workers.app import app
 from workers.batch import Interrupted, MicroBatch
 from workers.pause import hand_back_if_paused
-from workers.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
 
 @cache
-def _worker_state() -> tuple[Storage, Registry, Pipeline]:
+def _worker_state() -> tuple[Storage, Registry, pipeline.Pipeline]:
     """Built on first use inside the worker process (after fork), then kept warm."""
     settings = get_settings()
     engines = Registry(settings)
     presence = registry.current()
     if presence is not None:
         presence.profiles = engines.loaded
-    return Storage(settings), engines, Pipeline(settings.pipeline_depth)
+    return Storage(settings), engines, pipeline.Pipeline(settings.pipeline_depth)
+
+
+@worker_process_shutdown.connect
+def _shutdown(**_: Any) -> None:
+    """A pool process leaving (warm shutdown, recycling): store what its pipeline holds, then record
+    it stopped. In that order: a stopped worker's running jobs are recovered elsewhere, and these
+    are still being stored."""
+    pipeline.drain_all()
+    registry.stop()
 
 
 def _next_try(settings: Settings, exc: Exception, job_ids: list[str], interrupted: dict[str, int] | None,
@@ -68,7 +77,7 @@ def run_batch(self: Task, job_ids: list[str], interrupted: dict[str, int] | None
     settings = get_settings()
     if hand_back_if_paused(self, settings, job_ids):
         return {"claimed": 0, "paused": True}
-    storage, engines, pipeline = _worker_state()
+    storage, engines, outputs = _worker_state()
     worker = self.request.hostname or "worker"
     batch = MicroBatch(settings, storage, engines.get, worker=worker, presence=registry.current())
     try:
@@ -89,5 +98,5 @@ def run_batch(self: Task, job_ids: list[str], interrupted: dict[str, int] | None
             self.signature_from_request(request, kwargs=plan[0], countdown=plan[1],
                                         retries=request.retries + 1).apply_async()
 
-    pipeline.put(staged, lambda outcomes: telemetry.record(outcomes, worker), resend)
+    outputs.put(staged, lambda outcomes: telemetry.record(outcomes, worker), resend)
     return {"claimed": len(staged.claimed), "images": staged.images}

@@ -23,7 +23,7 @@ from core.pauses import paused
 from core.status import JobStatus
 from core.storage import Storage
 from core.tables import Batch, Job, WorkerRow, utcnow
-from core.thumbs import INPUT_FIELDS, input_thumb_key, thumb_key
+from core.thumbs import INPUT_FIELDS, input_thumb_key, shown
 
 PAGE = 50
 # The stages a job's timings record (workers.batch), in order: (key, name on the page, what it covers).
@@ -139,7 +139,7 @@ def contact(job: Job, storage: Storage) -> dict[str, Any]:
     """A contact-sheet cell: the output's thumbnail and, for inpainting, the input's beside it."""
     cell: dict[str, Any] = {"job": job, "after": None, "before": None}
     if job.output_keys:
-        cell["after"] = presign(storage, thumb_key(job.output_keys[0]))
+        cell["after"] = presign(storage, shown(job.output_keys[0], job.result))
     if job.kind == "inpaint" and isinstance(job.spec.get("image"), str):
         cell["before"] = presign(storage, input_thumb_key(job.tenant_id, job.spec["image"]))
     return cell
@@ -150,7 +150,7 @@ def job(session: Session, viewer: Viewer, params: Mapping[str, str], storage: St
     row = find_job(session, viewer, job_id)
     inputs = [(field, presign(storage, input_thumb_key(row.tenant_id, row.spec[field])))
               for field in INPUT_FIELDS if isinstance(row.spec.get(field), str)]
-    outputs = [presign(storage, thumb_key(key)) for key in row.output_keys or []]
+    outputs = [presign(storage, shown(key, row.result)) for key in row.output_keys or []]
     recorded = row.timings or {}
     stages = [(name, key, hint, recorded.get(key)) for key, name, hint in STAGES]
     total = (row.finished_at - row.started_at).total_seconds() if row.started_at and row.finished_at else None

@@ -141,13 +141,15 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         assert page.evaluate("window.__sameDocument") is True
         assert 32 not in seen
 
-        # The batch page shows the contact sheet from presigned thumbnails (WebP, never the outputs).
+        # The batch page shows the contact sheet from presigned URLs; these 64 px outputs are smaller
+        # than a thumbnail, so they are shown as they are (larger ones get a WebP thumbnail).
         page.goto(f"/dashboard/batches/{batch_id}")
         thumbs = page.locator(".sheet img")
         assert thumbs.count() == 32
         first = thumbs.first.get_attribute("src") or ""
-        assert "/thumbs/acme/" in first and ".webp" in first
-        assert httpx.get(first).headers["content-type"] == "image/webp"
+        assert "/outputs/acme/" in first and ".png" in first
+        assert httpx.get(first).headers["content-type"] == "image/png"
+        assert page.evaluate("Array.from(document.querySelectorAll('.sheet img')).every(i => i.naturalWidth === 64)")
 
         # A failure the operator can fix: the input photo vanished from storage. Retry after restoring it.
         storage = Storage(settings)

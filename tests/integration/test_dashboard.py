@@ -3,11 +3,13 @@ browser tests in tests/e2e drive the same pages live)."""
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 
@@ -21,6 +23,7 @@ from core.services import free_port
 from core.settings import Settings
 from core.storage import Storage
 from core.tables import Job, WebhookDelivery, utcnow
+from core.thumbs import thumb_key
 from models.profiles import Registry
 from tests.integration import receiver as fixtures
 from tests.integration.helpers import api_client, png, upload
@@ -346,3 +349,30 @@ def test_job_page_shows_every_stage_timing(settings):
         for stage in timings:
             assert re.search(rf'data-stage="{stage}"[^>]*><th>[^<]+</th><td class="num">\d+\.\d{{3}} s<', page), stage
         assert "queue wait" in page and "total running" in page
+
+
+def test_pages_show_thumbnails_and_small_outputs_as_they_are(settings):
+    """A 320 px output gets a 256 px WebP thumbnail and pages show that; a 64 px output is smaller
+    than any thumbnail, so none is written (no second copy, no second PUT) and pages show it."""
+    acme = api_client(settings, "acme")
+    items = [{"custom_id": name, "kind": "upscale", "image": upload(acme, png((side, side))), "model": "lanczos-x4"}
+             for name, side in (("large", 80), ("small", 16))]
+    batch_id = acme.post("/v1/batches", json={"items": items}).json()["id"]
+    with session_scope(settings.database_url) as session:
+        jobs = {job.custom_id: job.id for job in session.scalars(select(Job).where(Job.batch_id == batch_id))}
+    MicroBatch(settings, Storage(settings), Registry(settings).get, worker="test@host").run(list(jobs.values()))
+    storage, client = Storage(settings), browser(settings, "acme")[0]
+    sheet = client.get(f"/dashboard/batches/{batch_id}").text
+    outputs = {}
+    for name, has_thumbnail in (("large", True), ("small", False)):
+        with session_scope(settings.database_url) as session:
+            row = session.get(Job, jobs[name])
+            assert row is not None and row.output_keys and row.result is not None
+            output = outputs[name] = row.output_keys[0]
+            result = row.result
+        assert result["thumbnails"] is has_thumbnail
+        assert storage.exists(thumb_key(output)) is has_thumbnail
+        shown = thumb_key(output) if has_thumbnail else output
+        assert shown in client.get(f"/dashboard/jobs/{jobs[name]}").text and shown in sheet
+    with Image.open(io.BytesIO(storage.get(thumb_key(outputs["large"])))) as thumbnail:
+        assert (thumbnail.format, thumbnail.size) == ("WEBP", (256, 256))
