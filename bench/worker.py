@@ -8,8 +8,8 @@
   of the same objects through the same client.
 - orchestration_vs_bare_celery: the same near no-op jobs/s ÷ a bare Celery no-op task loop (one
   message per task, same Redis, same worker options).
-- interactive_start_p95: seconds from submit to start of single jobs behind a bulk backlog, and the
-  same in micro-batch durations.
+- interactive_start_p95: seconds from submit to start of single jobs behind a bulk backlog, the same
+  in micro-batch durations, and against the allowance of one micro-batch + 100 ms (target <= 1).
 - worker_rss_growth_pct: worker RSS after many mixed jobs against after a tenth of them.
 """
 
@@ -154,7 +154,9 @@ def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, pro
             if start is not None and done is not None]
     micro_batch_s = statistics.median(runs) if runs else float("nan")
     p95 = statistics.quantiles(waits, n=20)[-1] if len(waits) >= 2 else waits[0]
-    return {"interactive_start_p95_s": p95, "interactive_start_p95_micro_batches": p95 / micro_batch_s}
+    # The target: a single job starts within one micro-batch (the one in the engine) plus 100 ms.
+    return {"interactive_start_p95_s": p95, "interactive_start_p95_micro_batches": p95 / micro_batch_s,
+            "interactive_start_p95_vs_allowance": p95 / (micro_batch_s + 0.1)}
 
 
 def _seconds(stamp: str) -> float:

@@ -28,7 +28,7 @@ from core.files import files_by_id
 from core.settings import Settings
 from core.specs import AnySpec, GenerateSpec, InpaintSpec, UpscaleSpec, check_mask, input_files, parse_items
 from core.status import JobStatus
-from core.tables import Batch, Calibration, Job, new_id, utcnow
+from core.tables import Batch, Calibration, Job, new_id, new_ids, utcnow
 
 # Errors kept for the answer: enough to fix a manifest, bounded however bad the upload is.
 MAX_ERRORS = 1000
@@ -179,7 +179,7 @@ class Intake:
         self._error(file_errors)
         if self.error_count:
             return  # keep validating for the report, store nothing more: it will all roll back
-        rows = [self._row(spec, files) for spec in specs]
+        rows = [self._row(spec, files, job_id) for spec, job_id in zip(specs, new_ids("job", len(specs)), strict=True)]
         self._write(rows)
         for row in rows:
             if row["group_key"] == fetch.WAITING:
@@ -192,13 +192,13 @@ class Intake:
         if not self.accepted.first_id and rows:
             self.accepted.first_id = rows[0]["id"]
 
-    def _row(self, spec: AnySpec, files: dict[str, Any]) -> dict[str, Any]:
+    def _row(self, spec: AnySpec, files: dict[str, Any], job_id: str) -> dict[str, Any]:
         image = files.get(spec.image) if isinstance(spec, InpaintSpec | UpscaleSpec) else None
         key, cost = (fetch.WAITING, 0) if fetch.has_urls(spec) else \
             dispatch.plan(spec, self.settings, (image.width, image.height) if image else None)
         batch = self.accepted.batch
         return {
-            "id": new_id("job"), "tenant_id": self.tenant, "batch_id": batch.id if batch else None,
+            "id": job_id, "tenant_id": self.tenant, "batch_id": batch.id if batch else None,
             "custom_id": spec.custom_id, "kind": spec.kind, "model": spec.model, "seed": spec.seed,
             "spec": spec.model_dump(mode="json", exclude={"custom_id"}), "lane": self.lane, "group_key": key,
             "cost": cost, "status": JobStatus.QUEUED.value, "attempts": 0, "created_at": self.now,

@@ -27,6 +27,10 @@ def _finite(text: str) -> float:
     return value
 
 
+# Built once: json.loads with hooks builds a new decoder for every document (a catalog line each).
+_STRICT = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite)
+
+
 def depth(value: Any, limit: int) -> int:
     """Nesting depth of a JSON value (a scalar is 0, `[]` is 1), counted up to `limit` + 1."""
     deepest = 0
@@ -55,7 +59,7 @@ def loads(data: str | bytes, max_depth: int) -> Any:
         except UnicodeDecodeError as exc:
             raise json.JSONDecodeError(f"not UTF-8 (byte {exc.start})", "", exc.start) from None
     try:
-        value = json.loads(data, parse_constant=_no_constant, parse_float=_finite)
+        value = _STRICT.decode(data)
     except json.JSONDecodeError as exc:
         raise json.JSONDecodeError(f"{exc.msg} at line {exc.lineno}, column {exc.colno}", exc.doc,
                                    exc.pos) from None

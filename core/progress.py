@@ -135,6 +135,11 @@ def installed(connection: Connection) -> set[str]:
     return {name for (name,) in connection.execute(text(query))} & set(TRIGGERS)
 
 
+def of(batch: Batch) -> dict[str, int]:
+    """A batch's jobs per status from a row loaded in this very transaction (no second read)."""
+    return {status.value: int(getattr(batch, column.key)) for status, column in COUNTERS.items()}
+
+
 def read(session: Session, batch_id: str) -> dict[str, int]:
     """A batch's jobs per status, read fresh from its row (a loaded Batch may predate a change)."""
     row = session.execute(select(*COUNTERS.values()).where(Batch.id == batch_id)).one()

@@ -7,9 +7,10 @@ exist, do the sizes agree) live in `core.submit`.
 
 from __future__ import annotations
 
+import random
 import re
-import secrets
 from collections.abc import Iterable, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -31,6 +32,8 @@ from core.tables import File
 FileId = Annotated[str, Field(pattern=r"^([0-9a-f]{64}|https?://\S+)$", max_length=2000,
                               description="id returned by POST /v1/files, or an http(s) URL to fetch")]
 MAX_SEED = 2**32 - 1
+# Seeds only need to differ, not to be secret: one generator seeded from the OS, not a system call each.
+_seeds = random.Random()
 # C0 and C1 control characters (NUL, tab, newline, ...): they break file names, headers and logs.
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -131,8 +134,10 @@ def task_key(spec: AnySpec) -> str:
 
 
 def input_files(spec: AnySpec) -> dict[str, str]:
-    """The file ids a spec refers to, by field name."""
-    return {n: getattr(spec, n) for n in FILE_FIELDS if getattr(spec, n, None) is not None}
+    """The file ids a spec refers to, by field name. Read from the instance dict: getattr of a field
+    the spec's kind lacks goes through pydantic's slow __getattr__, once per item of a catalog."""
+    fields = spec.__dict__
+    return {n: fields[n] for n in FILE_FIELDS if fields.get(n) is not None}
 
 
 def _field_of(loc: Sequence[str | int], message: str) -> tuple[str, str]:
@@ -195,7 +200,7 @@ def parse_items(raw_items: Iterable[Any], settings: Settings, require_custom_id:
         model_errors = check_model(spec, settings, name)
         errors.extend(model_errors)
         if spec.seed is None:
-            spec.seed = secrets.randbelow(MAX_SEED + 1)
+            spec.seed = _seeds.randrange(MAX_SEED + 1)
         if not model_errors:
             specs.append(spec)
     if index + 1 > settings.max_batch_items:
@@ -258,6 +263,7 @@ def installed(profile: ModelProfile, settings: Settings) -> bool:
     return all(Path(path).exists() for path in (profile.weights, profile.controlnet) if path)
 
 
+@cache
 def generation_bucket(width: int, height: int, native_size: int) -> tuple[int, int]:
     """The size a model draws at: the requested aspect ratio at no more than its native area, sides
     rounded to a grid of native_size/8, so nearby sizes share a batch. The engine resizes the result

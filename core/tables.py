@@ -6,6 +6,7 @@ wire with a "Z".
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -35,6 +36,13 @@ def utcnow() -> datetime:
 
 def new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def new_ids(prefix: str, count: int) -> list[str]:
+    """`count` ids like new_id's (128 random bits each) from one read of the OS's randomness: a
+    catalog's 100,000 ids would otherwise cost 100,000 system calls."""
+    digits = os.urandom(16 * count).hex()
+    return [f"{prefix}_{digits[i:i + 32]}" for i in range(0, 32 * count, 32)]
 
 
 class Base(DeclarativeBase):

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import CursorDep, IdempotencyKey, SettingsDep, StorageDep, TenantDep, known_id
 from api.schemas import DURATION_HELP, BatchIn, BatchOut, JobOut, JobPage
-from core import jobs
+from core import jobs, progress
 from core.catalog import BatchTerms
 from core.db import session_scope
 from core.errors import InvalidInput
@@ -19,7 +19,7 @@ from core.limits import check_metadata, loads
 from core.manifest import ManifestReader
 from core.retention import delete_batch
 from core.settings import Settings
-from core.status import JobStatus
+from core.status import JobStatus, batch_status
 from core.submit import CHUNK, Submission, submit
 from core.usage import batch_usage, job_usage
 from core.webhooks import Callback
@@ -34,9 +34,10 @@ MANIFEST_HELP = ("JSONL: one job spec (as in POST /v1/jobs, plus a custom_id uni
 def _batch_out(settings: Settings, tenant: str, batch_id: str) -> BatchOut:
     with session_scope(settings.database_url) as session:
         batch = jobs.get_batch(session, tenant, batch_id)
-        status, counts = jobs.summary(session, batch)
-        return BatchOut.of(batch, status, counts, batch_usage(session, batch.id),
-                           jobs.running_progress(session, batch.id))
+        counts = progress.of(batch)  # just loaded: current, O(1) however large the batch
+        running = jobs.running_progress(session, batch.id) if counts[JobStatus.RUNNING] else 0.0
+        return BatchOut.of(batch, batch_status(counts, batch.canceled), counts, batch_usage(session, batch.id),
+                           running)
 
 
 REPLAY: dict[int | str, dict[str, Any]] = {
