@@ -198,7 +198,7 @@ def run(stack: BenchStack, quick: bool) -> dict[str, float]:
     stack.start_worker()
     try:
         with stack.client() as client:
-            figures = engine_and_batching(stack, client, 128 if quick else 512)
+            figures = engine_and_batching(stack, client, 64 if quick else 512)
             figures |= uploads_and_orchestration(stack, client, 200 if quick else 2000)
             figures |= interactive_start(stack, client, 10_000, 5 if quick else 20)
             figures |= worker_rss(stack, client, 600 if quick else 5000)
