@@ -7,13 +7,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select
 
 from api.deps import SettingsDep, TenantDep
 from core import delivery, webhooks
 from core.db import session_scope
 from core.errors import NotFound
 from core.events import EVENT_TYPES
+from core.listing import decode_cursor, encode_cursor
 from core.tables import WebhookDelivery, WebhookEndpoint, WebhookEvent
 
 router = APIRouter(prefix="/v1/webhooks", tags=["webhooks"])
@@ -162,11 +163,15 @@ def deliveries(endpoint_id: str, tenant: TenantDep, settings: SettingsDep,
                  .where(WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.tenant_id == tenant))
         if status is not None:
             query = query.where(WebhookDelivery.status == status)
-        if cursor is not None:
-            query = query.where(WebhookDelivery.id < cursor)
-        rows = [(d, t) for d, t in session.execute(query.order_by(WebhookDelivery.id.desc()).limit(limit))]
+        if cursor is not None:  # newest first along (created_at, id), the index the pages use too
+            created, last_id = decode_cursor(cursor)
+            query = query.where(or_(WebhookDelivery.created_at < created,
+                                    and_(WebhookDelivery.created_at == created, WebhookDelivery.id < last_id)))
+        rows = [(d, t) for d, t in session.execute(
+            query.order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc()).limit(limit))]
+        last = rows[-1][0] if len(rows) == limit else None
         data = _deliveries(session, rows)
-    return DeliveryPage(data=data, next_cursor=data[-1].id if len(data) == limit else None)
+    return DeliveryPage(data=data, next_cursor=encode_cursor(last.created_at, last.id) if last else None)
 
 
 @router.post("/{endpoint_id}/deliveries/{delivery_id}/redeliver", response_model=DeliveryOut)

@@ -295,3 +295,27 @@ def test_the_connection_goes_to_the_address_that_was_checked(outbound, receiver,
         assert other.connections == 0
     finally:
         other.stop()
+
+
+def test_the_attempt_log_pages_newest_first(outbound, receiver):
+    """`GET /v1/webhooks/{id}/deliveries` walks (created_at, id) downwards with its cursor: every
+    delivery once, newest first, across pages and with a status filter."""
+    client = api_client(outbound, "acme")
+    hook = endpoint(client, receiver.url, ["job.canceled"])
+    for _ in range(5):
+        canceled_job(client)
+    with session_scope(outbound.database_url) as session:
+        expected = list(session.scalars(select(WebhookDelivery.id).where(WebhookDelivery.endpoint_id == hook["id"])
+                                        .order_by(WebhookDelivery.created_at.desc(), WebhookDelivery.id.desc())))
+    assert len(expected) == 5
+    seen, cursor = [], None
+    while True:
+        page = client.get(f"/v1/webhooks/{hook['id']}/deliveries", params={"limit": 2, "status": "pending",
+                                                                         **({"cursor": cursor} if cursor else {})})
+        assert page.status_code == 200, page.text
+        seen += [row["id"] for row in page.json()["data"]]
+        if (cursor := page.json()["next_cursor"]) is None:
+            break
+    assert seen == expected
+    bad = client.get(f"/v1/webhooks/{hook['id']}/deliveries", params={"cursor": "nope"})
+    assert bad.status_code == 422 and "cursor" in bad.text
