@@ -130,8 +130,9 @@ def celery_app(broker_url: str, visibility_timeout: int, reconcile_interval: flo
                outbound_due_interval: float = 5.0) -> Celery:
     app = Celery("step1x", broker=broker_url, set_as_current=False)
     app.conf.update(
-        # A message is acknowledged only after its micro-batch finished, and a worker that dies
-        # mid-batch gives its message back; every step is idempotent, so running twice is safe.
+        # A message is acknowledged once its forward pass is done (storing goes on in the worker's
+        # pipeline, under leases), and a worker that dies mid-pass gives its message back; one that
+        # dies while storing leaves its jobs to the reconciler. Every step is idempotent.
         task_acks_late=True,
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,

@@ -225,6 +225,7 @@ class Staged:
             uploaded = finish(batch.settings, self.outcomes)
             batch._drop_canceled(uploaded)
         except Exception as exc:
+            self._heartbeat.stop()  # before the hand-back: never two writers on these rows at once
             raise batch._interrupted(self.claimed, exc) from exc
         finally:
             self._heartbeat.stop()
@@ -528,7 +529,7 @@ class Heartbeat:
         while not self._stop.wait(seconds / 3):
             try:
                 with session_scope(self.settings.database_url) as session:
-                    for job in self.claimed:
+                    for job in sorted(self.claimed, key=lambda c: (c.batch_id or "", c.id)):  # finish's lock order
                         session.execute(
                             update(Job).where(Job.id == job.id, Job.claims == job.claims,
                                               Job.status == JobStatus.RUNNING)

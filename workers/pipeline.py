@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from workers.batch import Interrupted, Outcome, Staged
@@ -46,6 +46,8 @@ class Pipeline:
     def __init__(self, depth: int) -> None:
         self._room = threading.BoundedSemaphore(max(1, depth))
         self._entries: queue.Queue[_Entry] = queue.Queue()
+        self._held: set[str] = set()  # job ids handed over and not stored yet
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._loop, name="store-pipeline", daemon=True)
         self._thread.start()
         _pipelines.append(self)
@@ -53,8 +55,16 @@ class Pipeline:
     def put(self, staged: Staged, done: Callable[[list[Outcome]], None],
             interrupted: Callable[[Interrupted], None]) -> None:
         """Hand a micro-batch over to be stored; waits while the pipeline is full."""
+        with self._lock:
+            self._held.update(staged.job_ids)
         self._room.acquire()
         self._entries.put(_Entry(staged, done, interrupted))
+
+    def holding(self, job_ids: Sequence[str]) -> set[str]:
+        """Which of these jobs this pipeline still has to store. A message naming them again (a
+        re-send) must not claim them under this worker's name a second time while they wait."""
+        with self._lock:
+            return self._held.intersection(job_ids)
 
     def drain(self) -> None:
         """Wait until every micro-batch handed over is stored (or handed back)."""
@@ -73,5 +83,7 @@ class Pipeline:
             except Exception:  # the thread must outlive any one micro-batch; its jobs are recovered by lease
                 log.exception("storing a micro-batch of %d failed", len(entry.staged.job_ids))
             finally:
+                with self._lock:
+                    self._held.difference_update(entry.staged.job_ids)
                 self._room.release()
                 self._entries.task_done()

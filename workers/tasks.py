@@ -78,6 +78,8 @@ def run_batch(self: Task, job_ids: list[str], interrupted: dict[str, int] | None
     if hand_back_if_paused(self, settings, job_ids):
         return {"claimed": 0, "paused": True}
     storage, engines, outputs = _worker_state()
+    if waiting := outputs.holding(job_ids):  # already run here and waiting to be stored
+        job_ids = [job_id for job_id in job_ids if job_id not in waiting]
     worker = self.request.hostname or "worker"
     batch = MicroBatch(settings, storage, engines.get, worker=worker, presence=registry.current())
     try:
@@ -98,5 +100,6 @@ def run_batch(self: Task, job_ids: list[str], interrupted: dict[str, int] | None
             self.signature_from_request(request, kwargs=plan[0], countdown=plan[1],
                                         retries=request.retries + 1).apply_async()
 
+    report = {"claimed": len(staged.claimed), "images": staged.images}  # read before the pipeline stores it
     outputs.put(staged, lambda outcomes: telemetry.record(outcomes, worker), resend)
-    return {"claimed": len(staged.claimed), "images": staged.images}
+    return report

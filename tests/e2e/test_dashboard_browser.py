@@ -113,8 +113,10 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         # Paused: submissions are accepted and wait, so the overview's numbers hold still to compare.
         with session_scope(settings.database_url) as session:
             pause(session, "model", "tiny-sd", "ops")
+        # Steps enough that each of its two micro-batches runs for seconds: with outputs stored while
+        # the next forward pass runs, a short batch can end between two live updates.
         items = [{"custom_id": f"sku-{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
-                  "steps": 4, "seed": i} for i in range(32)]
+                  "steps": 150, "seed": i} for i in range(32)]
         batch_id = acme.post("/v1/batches", json={"items": items}).json()["id"]
 
         page = log_in(browser, stack, "ops")

@@ -126,3 +126,19 @@ def test_a_crash_mid_upload_loses_nothing_and_duplicates_nothing(settings):
     stored = plain.client.list_objects_v2(Bucket=plain.bucket, Prefix=f"outputs/{tenant}/{batch}/")
     outputs = sorted(obj["Key"] for obj in stored.get("Contents", []) if not obj["Key"].endswith(".webp"))
     assert outputs == sorted(key for job in done.values() for key in job.output_keys)  # one object per output
+
+
+def test_the_pipeline_knows_which_jobs_still_wait_to_be_stored(settings):
+    """A message naming them again meanwhile must not claim them a second time under the same worker
+    name (the task drops them), so the pipeline answers which of a message's jobs it holds."""
+    storage = GatedStorage(settings)
+    worker = MicroBatch(settings, storage, Registry(settings).get, worker="test@host")
+    ids = batch_of(settings, "d", 2)
+    staged = worker.start(ids)
+    assert staged is not None
+    pipeline = Pipeline(depth=1)
+    pipeline.put(staged, lambda outcomes: None, pytest.fail)
+    assert pipeline.holding([*ids, "job_other"]) == set(ids)
+    storage.gate.set()
+    pipeline.drain()
+    assert pipeline.holding(ids) == set()
