@@ -67,8 +67,8 @@ def calibrated_budgets(session: Session) -> dict[str, int]:
 
 
 def store(session: Session, rows: Sequence[dict[str, Any]]) -> None:
-    """Insert job rows with the database's fast path, and the fetches of their URL inputs. The
-    batch's counters follow from the rows (the jobs table's triggers)."""
+    """Insert job rows (their spec as JSON text) with the database's fast path, and the fetches of
+    their URL inputs. The batch's counters follow from the rows (the jobs table's triggers)."""
     if not rows:
         return
     conn = session.connection()
@@ -76,10 +76,11 @@ def store(session: Session, rows: Sequence[dict[str, Any]]) -> None:
         raw: Any = conn.connection.driver_connection  # psycopg, inside this session's transaction
         with raw.cursor() as cursor, cursor.copy(f"COPY jobs ({', '.join(COPY_COLUMNS)}) FROM STDIN") as copy:
             for row in rows:
-                copy.write_row([json.dumps(row["spec"]) if c == "spec" else row[c] for c in COPY_COLUMNS])
+                copy.write_row([row[c] for c in COPY_COLUMNS])
     else:
-        conn.execute(insert(Job), list(rows))
-    fetch.record(session, rows)
+        conn.execute(insert(Job), [{**row, "spec": json.loads(row["spec"])} for row in rows])
+    waiting = [{**row, "spec": json.loads(row["spec"])} for row in rows if row["group_key"] == fetch.WAITING]
+    fetch.record(session, waiting)
 
 
 def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], settings: Settings
@@ -200,7 +201,8 @@ class Intake:
         return {
             "id": job_id, "tenant_id": self.tenant, "batch_id": batch.id if batch else None,
             "custom_id": spec.custom_id, "kind": spec.kind, "model": spec.model, "seed": spec.seed,
-            "spec": spec.model_dump(mode="json", exclude={"custom_id"}), "lane": self.lane, "group_key": key,
+            # JSON text, serialized by pydantic in one step: the column takes it as it is
+            "spec": spec.model_dump_json(exclude={"custom_id"}), "lane": self.lane, "group_key": key,
             "cost": cost, "status": JobStatus.QUEUED.value, "attempts": 0, "created_at": self.now,
         }
 

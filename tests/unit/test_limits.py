@@ -25,6 +25,7 @@ def settings(tmp_path):
     ('[1e999]', "too large"),
     ("[" * 100_000 + "]" * 100_000, "nested deeper than 4 levels"),  # past the recursion limit
     ("[[[[[1]]]]]", "nested deeper than 4 levels"),
+    ('{"a": [[[{"b": "]]]]"}]]]}', "nested deeper than 4 levels"),  # closers in a string hide nothing
     ('{"a": 1,}', "line 1, column 9"),
     (b'["\xff"]', "not UTF-8 (byte 2)"),
     ("1" * 5000, "digits"),
@@ -38,6 +39,8 @@ def test_loads_refuses_what_postgresql_or_recursion_would_choke_on(text, reason)
 def test_loads_and_depth_accept_ordinary_json():
     assert loads('{"a": [1, 2.5, "x", null]}', 4) == {"a": [1, 2.5, "x", None]}
     assert (depth(1, 4), depth([], 4), depth({"a": [{}]}, 4)) == (0, 1, 3)
+    # Brackets inside strings count towards the shortcut's bound, never towards the depth.
+    assert loads('{"a": "[[[[[[{{{{", "b": [[[1]]]}', 4) == {"a": "[[[[[[{{{{", "b": [[[1]]]}
 
 
 def test_metadata_limits_name_the_field(settings):
