@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from functools import cache
 from typing import Any
 
 from PIL import Image
@@ -236,6 +237,13 @@ class Staged:
         return self.outcomes
 
 
+@cache
+def _upload_pool(threads: int) -> ThreadPoolExecutor:
+    """The process's upload threads, started once (made after the pool process forked): a pool
+    per micro-batch started its threads every time, one in twenty samples of a store."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload")
+
+
 class MicroBatch:
     """One micro-batch's run through the stages, with the worker's warm engines and storage."""
 
@@ -348,7 +356,9 @@ class MicroBatch:
             return []
         run_seconds = (time.perf_counter() - started) / len(flat)
         load_seconds = (started - loading) / len(flat)
-        canceled = watch.canceled_now()  # canceled while it ran: nothing of theirs is uploaded
+        # Canceled while it ran, as the run's last look saw it: nothing of theirs is prepared. The
+        # store asks afresh before uploading, so no extra query here.
+        canceled = watch.canceled
         uploads: list[tuple[str, Image.Image, str, int | None]] = []
         thumbnails: list[tuple[Claimed, list[tuple[str, Image.Image]]]] = []
         cursor = 0
@@ -392,12 +402,12 @@ class MicroBatch:
         thumbnails = [(job, pairs) for job, pairs in store.thumbnails if job.id not in canceled]
         clock = Stopwatch()
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
-        with ThreadPoolExecutor(max_workers=self.settings.upload_concurrency) as pool:
-            list(pool.map(lambda up: clock.time("upload", up[0], self.storage.put, up[0],
-                                                clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
-                          uploads))
-            list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
-                                                 self._image(t[0].tenant_id)), thumbnails))
+        pool = _upload_pool(self.settings.upload_concurrency)
+        list(pool.map(lambda up: clock.time("upload", up[0], self.storage.put, up[0],
+                                            clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
+                      uploads))
+        list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
+                                             self._image(t[0].tenant_id)), thumbnails))
         for outcome in store.outcomes:
             if outcome.status == JobStatus.SUCCEEDED:
                 outcome.timings["encode"] = clock.total("encode", outcome.output_keys)
