@@ -36,7 +36,7 @@ from core.formats import CONTENT_TYPES, encode, flatten
 from core.jobs import complete_batches
 from core.masks import as_mask
 from core.settings import Settings
-from core.specs import parse_item
+from core.specs import FILE_FIELDS, parse_item
 from core.status import RETRYABLE, ErrorCode, JobStatus, failure, sources_of
 from core.storage import Storage, input_key, output_key
 from core.tables import Batch, Job, utcnow
@@ -238,10 +238,12 @@ class Staged:
 
 
 @cache
-def _upload_pool(threads: int) -> ThreadPoolExecutor:
-    """The process's upload threads, started once (made after the pool process forked): a pool
-    per micro-batch started its threads every time, one in twenty samples of a store."""
-    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="upload")
+def _threads(purpose: str, threads: int) -> ThreadPoolExecutor:
+    """The process's threads for one purpose ("upload", "inputs"), started once (made after the
+    pool process forked): a pool per micro-batch started its threads every time, one in twenty
+    samples of a store. Inputs have their own, so reading the next micro-batch's inputs never
+    queues behind the previous one's uploads."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix=purpose)
 
 
 class MicroBatch:
@@ -260,10 +262,27 @@ class MicroBatch:
         def load(file_id: str) -> Image.Image:
             key = input_key(tenant, file_id)
             if key not in self._inputs:
-                self._inputs[key] = Image.open(io.BytesIO(self.storage.get(key)))
-                self._inputs[key].load()
+                image = Image.open(io.BytesIO(self.storage.get(key)))
+                image.load()  # kept only once decoded: bad bytes fail every job that reads them
+                self._inputs[key] = image
             return self._inputs[key]
         return load
+
+    def _read_inputs(self, jobs: Sequence[Claimed]) -> None:
+        """Read every input of the micro-batch at once (S3 GETs wait on the network, Pillow decodes
+        with the GIL released) instead of one after another as each job asks for its own. A read
+        that fails is left for the job itself to repeat and report: a missing object fails that
+        job alone, storage trouble interrupts the micro-batch."""
+        wanted = {(job.tenant_id, file_id) for job in jobs for name in FILE_FIELDS
+                  if isinstance(file_id := job.spec.get(name), str)}
+        if len(wanted) < 2:
+            return
+
+        def read(tenant_file: tuple[str, str]) -> None:
+            with contextlib.suppress(Exception):
+                self._image(tenant_file[0])(tenant_file[1])
+
+        list(_threads("inputs", self.settings.upload_concurrency).map(read, wanted))
 
     def run(self, job_ids: Sequence[str], interrupted: Mapping[str, int] | None = None) -> list[Outcome]:
         """Claim, run and store, all in this thread (`start`, then `Staged.store`)."""
@@ -326,6 +345,8 @@ class MicroBatch:
         for outcome in group:
             outcome.fingerprint = fingerprint(outcome.job, engine)
         earlier = self._earlier_outputs([o for o in group if o.job.spec.get("cache", True)])
+        self._read_inputs([o.job for o in group if (o.job.tenant_id, o.fingerprint) not in earlier
+                           or not o.job.spec.get("cache", True)])
         for outcome in group:
             job = outcome.job
             reusable = job.spec.get("cache", True)
@@ -402,7 +423,7 @@ class MicroBatch:
         thumbnails = [(job, pairs) for job, pairs in store.thumbnails if job.id not in canceled]
         clock = Stopwatch()
         # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
-        pool = _upload_pool(self.settings.upload_concurrency)
+        pool = _threads("upload", self.settings.upload_concurrency)
         list(pool.map(lambda up: clock.time("upload", up[0], self.storage.put, up[0],
                                             clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
                       uploads))

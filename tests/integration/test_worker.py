@@ -3,6 +3,7 @@ against real PostgreSQL, Redis and SeaweedFS."""
 
 import io
 import json
+import threading
 import time
 from datetime import timedelta
 
@@ -14,7 +15,7 @@ from sqlalchemy import select, update
 
 from core.db import session_scope
 from core.status import JobStatus
-from core.storage import Storage
+from core.storage import Storage, input_key
 from core.tables import Batch, File, Job, utcnow
 from models.profiles import Registry
 from tests.integration.helpers import api_client, mask_png, png, upload
@@ -93,6 +94,34 @@ def test_a_micro_batch_runs_stores_and_finishes(settings, worker):
     fetched = httpx.get(results["up"]["url"])  # presigned URL, checked by the real S3 server
     assert fetched.status_code == 200
     assert Image.open(io.BytesIO(fetched.content)).size == (384, 256)
+
+
+def test_a_micro_batch_reads_its_inputs_together_and_a_missing_one_fails_its_job_alone(settings, worker):
+    client = api_client(settings)
+    images = [upload(client, png((32, 24), seed=i)) for i in range(4)]
+    batch_id = submit(client, [{"custom_id": f"up{i}", "kind": "upscale", "image": image, "model": "lanczos-x4"}
+                               for i, image in enumerate(images)])
+    jobs = jobs_of(settings, batch_id)
+    storage = Storage(settings)
+    storage.delete(input_key(jobs["up3"].tenant_id, images[3]))  # its bytes are gone since it was accepted
+    readers: list[str] = []
+    real_get = worker.storage.get
+
+    def get(key: str) -> bytes:  # the real S3 read, noting which thread made it
+        readers.append(threading.current_thread().name)
+        return real_get(key)
+
+    worker.storage.get = get
+    worker.run([j.id for j in jobs.values()])
+    jobs = jobs_of(settings, batch_id)
+    assert {k: j.status for k, j in jobs.items()} == {"up0": "succeeded", "up1": "succeeded", "up2": "succeeded",
+                                                      "up3": "failed"}
+    assert jobs["up3"].error_code == "invalid_input" and images[3] in jobs["up3"].error
+    # Read together on the input threads; only the missing one was asked for again by its job.
+    assert sum(name.startswith("inputs") for name in readers) == 4 and len(readers) == 5
+    for name in ("up0", "up1", "up2"):
+        [key] = jobs[name].output_keys
+        assert Image.open(io.BytesIO(storage.get(key))).size == (128, 96)
 
 
 def test_a_redelivered_message_does_not_run_jobs_twice(settings, worker):
