@@ -78,9 +78,13 @@ def store(session: Session, rows: Sequence[dict[str, Any]]) -> None:
             for row in rows:
                 copy.write_row([row[c] for c in COPY_COLUMNS])
     else:
-        conn.execute(insert(Job), [{**row, "spec": json.loads(row["spec"])} for row in rows])
-    waiting = [{**row, "spec": json.loads(row["spec"])} for row in rows if row["group_key"] == fetch.WAITING]
-    fetch.record(session, waiting)
+        conn.execute(insert(Job), [_spec_parsed(row) for row in rows])
+    fetch.record(session, [_spec_parsed(row) for row in rows if row["group_key"] == fetch.WAITING])
+
+
+def _spec_parsed(row: dict[str, Any]) -> dict[str, Any]:
+    """A job row whose spec is a dict again, for the ORM's JSON column and the fetch stage."""
+    return {**row, "spec": json.loads(row["spec"])}
 
 
 def check_files(session: Session, tenant: str, specs: Sequence[AnySpec], settings: Settings

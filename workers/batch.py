@@ -345,14 +345,16 @@ class MicroBatch:
         for outcome in group:
             outcome.fingerprint = fingerprint(outcome.job, engine)
         earlier = self._earlier_outputs([o for o in group if o.job.spec.get("cache", True)])
-        self._read_inputs([o.job for o in group if (o.job.tenant_id, o.fingerprint) not in earlier
-                           or not o.job.spec.get("cache", True)])
+        to_run: list[Outcome] = []
         for outcome in group:
             job = outcome.job
             reusable = job.spec.get("cache", True)
             source = earlier.get((job.tenant_id, outcome.fingerprint)) if reusable else None
-            if source is not None and self._reuse(outcome, *source):
-                continue
+            if source is None or not self._reuse(outcome, *source):
+                to_run.append(outcome)
+        self._read_inputs([outcome.job for outcome in to_run])
+        for outcome in to_run:
+            job = outcome.job
             try:
                 requests = requests_for(job, self._image(job.tenant_id))
                 engine.check_inputs(requests)
