@@ -31,6 +31,7 @@ from tests.integration import receiver as fixtures
 from tests.integration.helpers import mask_png, png
 from tests.integration.receiver import Receiver, wait_for
 from workers.launcher import start_workers, stop_all
+from workers.pause import CHECK_SECONDS
 
 pytestmark = pytest.mark.e2e
 outbound, control = fixtures.outbound, fixtures.control
@@ -154,6 +155,9 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         first = thumbs.first.get_attribute("src") or ""
         assert "/outputs/acme/" in first and ".png" in first
         assert httpx.get(first).headers["content-type"] == "image/png"
+        # The sheet's images load lazily: those below the fold only once scrolled to. Load them all.
+        page.evaluate("document.querySelectorAll('.sheet img').forEach(i => { i.loading = 'eager'; })")
+        page.wait_for_function("Array.from(document.querySelectorAll('.sheet img')).every(i => i.complete)")
         assert page.evaluate("Array.from(document.querySelectorAll('.sheet img')).every(i => i.naturalWidth === 64)")
 
         # A failure the operator can fix: the input photo vanished from storage. Retry after restoring it.
@@ -185,6 +189,7 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         # Cancel a batch waiting behind a pause.
         with session_scope(settings.database_url) as session:
             pause(session, "lane", "bulk", "ops")
+        time.sleep(CHECK_SECONDS + 0.5)  # workers re-read the pauses at this pace
         waiting = acme.post("/v1/batches", json={"items": items[:5]}).json()["id"]
         page.goto(f"/dashboard/batches/{waiting}")
         page.click("text=Cancel batch")
