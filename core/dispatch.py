@@ -69,13 +69,17 @@ class Cutter:
         self.settings = settings
         self.budgets = budgets or {}
         self._open: dict[tuple[str, str], tuple[list[Planned], int]] = {}
+        self._budget: dict[str, int] = {}
 
     def add(self, job: Planned) -> list[Planned] | None:
         """Adds a job; returns the micro-batch it closed, if it closed one."""
         group = (job.lane, job.group_key)
         current, used = self._open.get(group, ([], 0))
         full = None
-        if current and used + job.cost > budget_for(job.group_key, self.settings, self.budgets):
+        budget = self._budget.get(job.group_key)
+        if budget is None:
+            budget = self._budget[job.group_key] = budget_for(job.group_key, self.settings, self.budgets)
+        if current and used + job.cost > budget:
             full, current, used = current, [], 0
         current.append(job)
         self._open[group] = (current, used + job.cost)

@@ -181,6 +181,8 @@ def parse_items(raw_items: Iterable[Any], settings: Settings, require_custom_id:
     specs: list[AnySpec] = []
     errors: list[FieldError] = []
     seen: set[str] = set()
+    # A catalog repeats a few models and sizes: each combination is checked once per call.
+    verdicts: dict[tuple[Any, ...], list[tuple[str, str]]] = {}
     index = -1
     for index, raw in enumerate(raw_items):
         name = _item_name(raw, index)
@@ -197,10 +199,10 @@ def parse_items(raw_items: Iterable[Any], settings: Settings, require_custom_id:
             continue
         if require_custom_id and spec.custom_id is None:
             errors.append(FieldError("custom_id", "every batch item needs a custom_id", name))
-        model_errors = check_model(spec, settings, name)
+        model_errors = check_model(spec, settings, name, verdicts)
         errors.extend(model_errors)
         if spec.seed is None:
-            spec.seed = _seeds.randrange(MAX_SEED + 1)
+            spec.seed = _seeds.getrandbits(32)  # uniform over 0..MAX_SEED
         if not model_errors:
             specs.append(spec)
     if index + 1 > settings.max_batch_items:
@@ -208,36 +210,49 @@ def parse_items(raw_items: Iterable[Any], settings: Settings, require_custom_id:
     return specs, errors
 
 
-def check_model(spec: AnySpec, settings: Settings, name: str | None) -> list[FieldError]:
-    """Resolve the model profile in place; report a model that cannot serve this item."""
-    task = task_key(spec)
+def check_model(spec: AnySpec, settings: Settings, name: str | None,
+                verdicts: dict[tuple[Any, ...], list[tuple[str, str]]] | None = None) -> list[FieldError]:
+    """Resolve the model profile in place; report a model that cannot serve this item. `verdicts`
+    keeps the (field, message) problems of each combination of model, mode and size already seen."""
     if spec.model is None:
-        spec.model = settings.default_models[task]
-    profile = settings.models.get(spec.model)
+        spec.model = settings.default_models[task_key(spec)]
+    # Everything the verdict depends on (the size only matters to generation).
+    key = (spec.kind, spec.model, spec.mode, None, None, None) if isinstance(spec, InpaintSpec) else \
+        (spec.kind, spec.model, None, spec.width, spec.height, spec.num_images) if isinstance(spec, GenerateSpec) else \
+        (spec.kind, spec.model, None, None, None, None)
+    problems = verdicts.get(key) if verdicts is not None else None
+    if problems is None:
+        problems = _model_problems(settings, *key)
+        if verdicts is not None:
+            verdicts[key] = problems
+    return [FieldError(field, message, name) for field, message in problems]
+
+
+def _model_problems(settings: Settings, kind: str, model: str, mode: str | None, width: int | None,
+                    height: int | None, num_images: int | None) -> list[tuple[str, str]]:
+    profile = settings.models.get(model)
     if profile is None:
         known = ", ".join(sorted(settings.models))
-        return [FieldError("model", f"unknown model {spec.model!r}; known: {known}", name)]
-    if profile.task != spec.kind:
-        return [FieldError("model", f"model {spec.model!r} does {profile.task}, not {spec.kind}", name)]
-    if isinstance(spec, InpaintSpec) and spec.mode == "structure" and profile.engine != "controlnet":
-        return [FieldError("model", f"structure mode needs a controlnet model, {spec.model!r} is not", name)]
-    if isinstance(spec, InpaintSpec) and spec.mode != "structure" and profile.engine == "controlnet":
-        return [FieldError("model", f"model {spec.model!r} only does structure mode", name)]
-    if isinstance(spec, InpaintSpec) and spec.mode != "fill" and profile.engine == "classical":
-        return [FieldError("model", f"model {spec.model!r} only does fill mode (object removal)", name)]
+        return [("model", f"unknown model {model!r}; known: {known}")]
+    if profile.task != kind:
+        return [("model", f"model {model!r} does {profile.task}, not {kind}")]
+    if mode == "structure" and profile.engine != "controlnet":
+        return [("model", f"structure mode needs a controlnet model, {model!r} is not")]
+    if mode is not None and mode != "structure" and profile.engine == "controlnet":
+        return [("model", f"model {model!r} only does structure mode")]
+    if mode is not None and mode != "fill" and profile.engine == "classical":
+        return [("model", f"model {model!r} only does fill mode (object removal)")]
     if not installed(profile, settings):
-        return [FieldError("model", f"model {spec.model!r} is not installed on this server (its weights are "
-                                    "missing): pick another model, or ask the operator to install it", name)]
-    if isinstance(spec, GenerateSpec):
-        if max(spec.width, spec.height) > profile.max_size:
-            return [FieldError("width", f"{spec.width}x{spec.height} exceeds {profile.max_size} px "
-                                        f"per side for model {spec.model!r}", name)]
-        w, h = generation_bucket(spec.width, spec.height, profile.native_size)
-        pixels = w * h * spec.num_images
+        return [("model", f"model {model!r} is not installed on this server (its weights are "
+                          "missing): pick another model, or ask the operator to install it")]
+    if width is not None and height is not None and num_images is not None:
+        if max(width, height) > profile.max_size:
+            return [("width", f"{width}x{height} exceeds {profile.max_size} px per side for model {model!r}")]
+        w, h = generation_bucket(width, height, profile.native_size)
+        pixels = w * h * num_images
         if pixels > profile.pixel_budget:
-            return [FieldError("num_images", f"{spec.num_images} images at {w}x{h} = {pixels} px exceed "
-                                             f"model {spec.model!r}'s budget of {profile.pixel_budget} px",
-                               name)]
+            return [("num_images", f"{num_images} images at {w}x{h} = {pixels} px exceed "
+                                   f"model {model!r}'s budget of {profile.pixel_budget} px")]
     return []
 
 

@@ -85,6 +85,23 @@ def test_size_over_the_budget_is_refused(settings):
     assert "budget" in found[("n", "num_images")]
 
 
+def test_a_verdict_checked_once_per_combination_still_names_each_item(settings):
+    """parse_items checks each (model, mode, size) combination once: an item sharing a bad item's
+    combination gets the same error under its own name, and a neighbour of another size none."""
+    specs, errors = parse_items([
+        {"custom_id": f"big-{i}", "kind": "generate", "prompt": "x", "width": 2048, "height": 512} for i in range(3)
+    ] + [
+        {"custom_id": "fine", "kind": "generate", "prompt": "x", "width": 1024, "height": 512},
+        {"custom_id": "fill", "kind": "inpaint", "mode": "fill", "image": FILE_A, "mask": FILE_B},
+        {"custom_id": "text", "kind": "inpaint", "mode": "text", "prompt": "a lid", "image": FILE_A, "mask": FILE_B,
+         "model": "classical-fill"},
+    ], settings)
+    assert [(e.item, e.field) for e in errors] == [("big-0", "width"), ("big-1", "width"), ("big-2", "width"),
+                                                   ("text", "model")]
+    assert "only does fill mode" in errors[-1].message
+    assert [s.custom_id for s in specs] == ["fine", "fill"]
+
+
 @pytest.mark.parametrize(("size", "native", "bucket"), [
     ((512, 512), 512, (512, 512)),
     ((1024, 1024), 512, (512, 512)),
