@@ -1,17 +1,22 @@
-"""Object storage through boto3: any S3-compatible service (SeaweedFS, MinIO, AWS S3).
+"""Object storage: any S3-compatible service (SeaweedFS, MinIO, AWS S3).
 
 Keys are deterministic (`outputs/{tenant}/{batch}/{job}.png`), so a job that runs twice overwrites
-its output instead of leaving a duplicate.
+its output instead of leaving a duplicate. Writes, the workers' hot path, go through `PutClient`
+(one signed PUT on a connection pool); everything else through boto3.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
+from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import boto3
+import urllib3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -48,9 +53,66 @@ def attachment(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='!#$&+-.^_`|~')}"
 
 
-def _no_expect_continue(request: Any, **_: Any) -> None:
-    if "Expect" in request.headers:
-        del request.headers["Expect"]
+class PutError(Exception):
+    """A PUT the service refused, or could not take, after the retries."""
+
+
+class PutClient:
+    """PutObject signed with AWS Signature Version 4 and sent on a urllib3 pool: what boto3's
+    put_object sends, for a third of its CPU (measured 0.38 vs 1.1 ms per object). A worker's upload
+    threads share the interpreter with the forward pass, so every millisecond holding the GIL here
+    is one the engine waits. Path-style addressing, as the boto3 client is configured; retries on
+    connection errors and 5xx like botocore's standard mode (a PUT of the same bytes is idempotent)."""
+
+    SIGNED = "content-type;host;x-amz-content-sha256;x-amz-date"
+
+    def __init__(self, endpoint: str, region: str, access_key: str, secret_key: str, connections: int,
+                 attempts: int) -> None:
+        url = urlsplit(endpoint)
+        default_port = 443 if url.scheme == "https" else 80
+        # The Host header as signed: without the port when it is the scheme's default (as botocore does).
+        self.host = url.hostname or "" if url.port in (None, default_port) else f"{url.hostname}:{url.port}"
+        self.base = url.path.rstrip("/")
+        self.region, self.access_key, self.secret_key = region, access_key, secret_key
+        retries = urllib3.Retry(total=attempts - 1, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504),
+                                allowed_methods=None, raise_on_status=False)
+        timeout = urllib3.Timeout(connect=10, read=60)
+        self.pool = urllib3.connectionpool.connection_from_url(endpoint, maxsize=connections, retries=retries,
+                                                                timeout=timeout)
+        self._keys: dict[str, bytes] = {}
+
+    def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        path = quote(f"{self.base}/{bucket}/{key}", safe="/~")
+        try:
+            response = self.pool.urlopen("PUT", path, body=data, headers=self.headers(path, data, content_type),
+                                         preload_content=True)
+        except urllib3.exceptions.HTTPError as exc:
+            raise PutError(f"PUT {key!r} to {self.host}: {exc}") from exc
+        if response.status >= 300:
+            raise PutError(f"PUT {key!r} to {self.host}: HTTP {response.status}: {response.data[:300]!r}")
+
+    def headers(self, path: str, data: bytes, content_type: str, now: datetime | None = None) -> dict[str, str]:
+        stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+        day = stamp[:8]
+        digest = hashlib.sha256(data).hexdigest()
+        canonical = (f"PUT\n{path}\n\ncontent-type:{content_type}\nhost:{self.host}\n"
+                     f"x-amz-content-sha256:{digest}\nx-amz-date:{stamp}\n\n{self.SIGNED}\n{digest}")
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
+        signature = hmac.new(self._key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        return {"Host": self.host, "Content-Type": content_type, "X-Amz-Content-SHA256": digest,
+                "X-Amz-Date": stamp, "Authorization": f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                                                      f"SignedHeaders={self.SIGNED}, Signature={signature}"}
+
+    def _key(self, day: str) -> bytes:
+        """The signing key, derived once a day."""
+        key = self._keys.get(day)
+        if key is None:
+            key = f"AWS4{self.secret_key}".encode()
+            for part in (day, self.region, "s3", "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            self._keys = {day: key}
+        return key
 
 
 class Storage:
@@ -68,9 +130,6 @@ class Storage:
                           # one connection per upload thread, plus room for reads alongside
                           max_pool_connections=s.upload_concurrency + 2),
         )
-        # botocore sends "Expect: 100-continue" with every PUT body: one more round trip per object.
-        # Outputs are small and the request is signed, so there is nothing to ask permission for.
-        client.meta.events.register("before-sign.s3.PutObject", _no_expect_continue)
         return client
 
     @cached_property
@@ -89,8 +148,14 @@ class Storage:
         except ClientError:
             self.client.create_bucket(Bucket=self.bucket)
 
+    @cached_property
+    def writer(self) -> PutClient:
+        s = self.settings
+        return PutClient(self.client.meta.endpoint_url, s.s3_region, s.s3_access_key, s.s3_secret_key,
+                         connections=s.upload_concurrency + 2, attempts=s.s3_max_attempts)
+
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self.client.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
+        self.writer.put(self.bucket, key, data, content_type)
 
     def get(self, key: str) -> bytes:
         try:

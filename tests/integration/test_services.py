@@ -26,6 +26,7 @@ from core.services import (
     start_seaweedfs,
 )
 from core.settings import Settings
+from core.storage import PutError, Storage
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
 pytestmark = pytest.mark.integration
@@ -104,6 +105,24 @@ def test_s3_refuses_a_wrong_secret(s3_service: ChildService, bucket: str) -> Non
         intruder.put_object(Bucket=bucket, Key="x", Body=b"x")
     assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
     assert httpx.get(f"{s3_service.url}/{bucket}/x").status_code == 403
+
+
+@pytest.mark.parametrize("key", ["outputs/acme/bat_1/job_2.png", "outputs/a tenant/été+1=~x/job (2).webp"])
+def test_storage_put_writes_what_boto3_reads(settings: Settings, key: str) -> None:
+    storage = Storage(settings)
+    storage.put(key, b"\x89PNG output", "image/png")
+    stored = storage.client.get_object(Bucket=settings.s3_bucket, Key=key)
+    assert stored["Body"].read() == b"\x89PNG output"
+    assert stored["ContentType"] == "image/png"
+    storage.put(key, b"second run", "image/png")  # a job run twice overwrites its output
+    assert storage.get(key) == b"second run"
+
+
+def test_storage_put_refused_names_the_key_and_the_status(settings: Settings) -> None:
+    storage = Storage(settings.model_copy(update={"s3_secret_key": "not-the-secret"}))
+    with pytest.raises(PutError, match=r"'outputs/x.png'.*HTTP 403"):
+        storage.put("outputs/x.png", b"x", "image/png")
+    assert not Storage(settings).exists("outputs/x.png")
 
 
 def test_settings_fixture_gives_a_migrated_database_empty_redis_and_a_bucket(settings: Settings) -> None:
