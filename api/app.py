@@ -5,10 +5,11 @@ No torch here: the API validates, stores and dispatches; workers do the compute.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 from fastapi import FastAPI
@@ -43,6 +44,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
             log.warning("S3 bucket check failed: %s", exc)
         if settings.coalesce_ms > 0:
             app.state.coalescer = Coalescer(partial(send_committed, settings), settings.coalesce_ms / 1000)
+        _tune_gc()
         yield
         if app.state.coalescer is not None:
             app.state.coalescer.close()
@@ -65,6 +67,18 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.add_middleware(RequestGuard, settings=settings)
     app.openapi = partial(_openapi_with_job_specs, app)  # type: ignore[method-assign]
     return app
+
+
+@cache  # once per process
+def _tune_gc() -> None:
+    """A 100,000-item manifest allocates millions of short-lived objects, and with Python's default
+    thresholds the cyclic collector ran every 700 of them over everything alive: 15% of a submission
+    (43,000 against 51,000 items/s validated and stored in-process). Young objects are now collected
+    every 50,000 allocations, and what exists once the app has started (modules, routes, pools) is
+    frozen out of every collection. Reference counting still frees acyclic garbage at once."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 10, 10)
 
 
 def _openapi_with_job_specs(app: FastAPI) -> dict[str, Any]:
