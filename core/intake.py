@@ -199,8 +199,7 @@ class Intake:
 
     def _row(self, spec: AnySpec, files: dict[str, Any], job_id: str) -> dict[str, Any]:
         image = files.get(spec.image) if isinstance(spec, InpaintSpec | UpscaleSpec) else None
-        # Text-to-image items have no inputs: skip looking for URLs in each of a catalog's items.
-        key, cost = (fetch.WAITING, 0) if not isinstance(spec, GenerateSpec) and fetch.has_urls(spec) else \
+        key, cost = (fetch.WAITING, 0) if fetch.has_urls(spec) else \
             dispatch.plan(spec, self.settings, (image.width, image.height) if image else None)
         batch = self.accepted.batch
         return {

@@ -136,6 +136,8 @@ def task_key(spec: AnySpec) -> str:
 def input_files(spec: AnySpec) -> dict[str, str]:
     """The file ids a spec refers to, by field name. Read from the instance dict: getattr of a field
     the spec's kind lacks goes through pydantic's slow __getattr__, once per item of a catalog."""
+    if isinstance(spec, GenerateSpec):  # text-to-image has no inputs: a catalog of them skips the look
+        return {}
     fields = spec.__dict__
     return {n: fields[n] for n in FILE_FIELDS if fields.get(n) is not None}
 
@@ -216,10 +218,12 @@ def check_model(spec: AnySpec, settings: Settings, name: str | None,
     keeps the (field, message) problems of each combination of model, mode and size already seen."""
     if spec.model is None:
         spec.model = settings.default_models[task_key(spec)]
-    # Everything the verdict depends on (the size only matters to generation).
-    key = (spec.kind, spec.model, spec.mode, None, None, None) if isinstance(spec, InpaintSpec) else \
-        (spec.kind, spec.model, None, spec.width, spec.height, spec.num_images) if isinstance(spec, GenerateSpec) else \
-        (spec.kind, spec.model, None, None, None, None)
+    # Everything the verdict depends on: the mode matters to inpainting, the size to generation.
+    key: tuple[Any, ...] = (spec.kind, spec.model, None, None, None, None)
+    if isinstance(spec, InpaintSpec):
+        key = (spec.kind, spec.model, spec.mode, None, None, None)
+    elif isinstance(spec, GenerateSpec):
+        key = (spec.kind, spec.model, None, spec.width, spec.height, spec.num_images)
     problems = verdicts.get(key) if verdicts is not None else None
     if problems is None:
         problems = _model_problems(settings, *key)

@@ -71,7 +71,7 @@ class PutClient:
         url = urlsplit(endpoint)
         default_port = 443 if url.scheme == "https" else 80
         # The Host header as signed: without the port when it is the scheme's default (as botocore does).
-        self.host = url.hostname or "" if url.port in (None, default_port) else f"{url.hostname}:{url.port}"
+        self.host = (url.hostname or "") if url.port in (None, default_port) else f"{url.hostname}:{url.port}"
         self.base = url.path.rstrip("/")
         self.region, self.access_key, self.secret_key = region, access_key, secret_key
         retries = urllib3.Retry(total=attempts - 1, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504),
@@ -84,8 +84,7 @@ class PutClient:
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         path = quote(f"{self.base}/{bucket}/{key}", safe="/~")
         try:
-            response = self.pool.urlopen("PUT", path, body=data, headers=self.headers(path, data, content_type),
-                                         preload_content=True)
+            response = self.pool.urlopen("PUT", path, body=data, headers=self.headers(path, data, content_type))
         except urllib3.exceptions.HTTPError as exc:
             raise PutError(f"PUT {key!r} to {self.host}: {exc}") from exc
         if response.status >= 300:
@@ -122,15 +121,14 @@ class Storage:
 
     def _client(self, endpoint: str | None) -> Any:
         s = self.settings
-        client = boto3.client(
+        return boto3.client(
             "s3", endpoint_url=endpoint, region_name=s.s3_region,
             aws_access_key_id=s.s3_access_key, aws_secret_access_key=s.s3_secret_key,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
                           retries={"max_attempts": s.s3_max_attempts, "mode": "standard"},
-                          # one connection per upload thread, plus room for reads alongside
+                          # one connection per input-reading thread (as many as upload threads), plus room
                           max_pool_connections=s.upload_concurrency + 2),
         )
-        return client
 
     @cached_property
     def client(self) -> Any:
