@@ -6,6 +6,7 @@ mode with a busy timeout because the API and the worker are separate processes w
 
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,15 +48,18 @@ def get_engine(url: str) -> Engine:
     return engine
 
 
-# A connection back in the pool less than this long ago is alive. SQLAlchemy's pool_pre_ping
-# pings on every checkout: one more round trip per transaction, a tenth of the API's time on
-# `GET /v1/batches/{id}` (two transactions) and of a worker's claim and finish.
+# A pooled connection is pinged before use (a round trip) only when it sat idle longer than this,
+# or when the server has written to it while idle. SQLAlchemy's pool_pre_ping pings on every
+# checkout: a tenth of the API's time on `GET /v1/batches/{id}` (two transactions) and one round
+# trip more on each of a worker's claims and finishes.
 FRESH_SECONDS = 1.0
 
 
 def _ping_when_idle(engine: Engine) -> None:
-    """Ping a pooled connection before use only when it sat idle longer than FRESH_SECONDS, so one
-    that died meanwhile (a database restart) is replaced before anyone uses it."""
+    """A connection that died while it sat in the pool is replaced before anyone uses it. A server
+    shutting down (a restart, a failover, an administrator's kill) tells each client before it
+    closes the socket, so such a connection is readable while idle, however short its idle time;
+    one that went silent (a lost network) is caught by the ping once it has been idle a while."""
 
     @event.listens_for(engine, "connect")
     def _connected(_dbapi_conn: Any, record: Any) -> None:
@@ -63,17 +67,26 @@ def _ping_when_idle(engine: Engine) -> None:
 
     @event.listens_for(engine, "checkin")
     def _checked_in(_dbapi_conn: Any, record: Any) -> None:
-        if record is not None:
-            record.info["idle_since"] = time.monotonic()
+        record.info["idle_since"] = time.monotonic()
 
     @event.listens_for(engine, "checkout")
     def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
-        if time.monotonic() - record.info.get("idle_since", 0.0) < FRESH_SECONDS:
+        if time.monotonic() - record.info.get("idle_since", 0.0) < FRESH_SECONDS and not _readable(dbapi_conn):
             return
         try:
             engine.dialect.do_ping(dbapi_conn)
         except Exception as exc:  # the pool drops this connection and checks out another
             raise DisconnectionError(str(exc)) from exc
+
+
+def _readable(dbapi_conn: Any) -> bool:
+    """Whether the server wrote to this idle connection (it is closing it), or it is closed."""
+    try:
+        poller = select.poll()  # not select.select: it fails for descriptors past 1024
+        poller.register(dbapi_conn.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+    except Exception:  # closed or broken: the ping decides
+        return True
 
 
 @lru_cache(maxsize=8)

@@ -1,6 +1,6 @@
 """The API's and workers' pooled database connections (`core.db`): pinged before use only after
-sitting idle, so a database restart costs no request an error while a busy pool pays no round
-trip per transaction. Real PostgreSQL, really restarted."""
+sitting idle or when the server wrote to them meanwhile, so a database restart costs no request
+an error while a busy pool pays no round trip per transaction. Real PostgreSQL, really restarted."""
 
 import time
 
@@ -25,6 +25,16 @@ def test_connections_that_died_with_a_restarted_database_are_replaced_before_use
         pass  # down, then back on the same port: the pooled connection is dead
     time.sleep(db.FRESH_SECONDS)
     assert select_one(url) == 1  # no error: the ping found it dead and the pool opened another
+
+
+def test_a_database_restarted_within_a_moment_costs_no_error_either(settings, stop_postgres):
+    """The server told the pooled connection it was closing it: readable while idle, it is pinged
+    (and replaced) though it was used a moment ago."""
+    url = settings.database_url
+    assert select_one(url) == 1
+    with stop_postgres():
+        pass
+    assert select_one(url) == 1
 
 
 def test_a_connection_used_a_moment_ago_is_not_pinged_again(settings, monkeypatch):
