@@ -61,13 +61,11 @@ def _ping_when_idle(engine: Engine) -> None:
     closes the socket, so such a connection is readable while idle, however short its idle time;
     one that went silent (a lost network) is caught by the ping once it has been idle a while."""
 
-    @event.listens_for(engine, "connect")
-    def _connected(_dbapi_conn: Any, record: Any) -> None:
+    def _idle_from_now(_dbapi_conn: Any, record: Any) -> None:
         record.info["idle_since"] = time.monotonic()
 
-    @event.listens_for(engine, "checkin")
-    def _checked_in(_dbapi_conn: Any, record: Any) -> None:
-        record.info["idle_since"] = time.monotonic()
+    event.listen(engine, "connect", _idle_from_now)  # just opened: alive
+    event.listen(engine, "checkin", _idle_from_now)
 
     @event.listens_for(engine, "checkout")
     def _checked_out(dbapi_conn: Any, record: Any, _proxy: Any) -> None:

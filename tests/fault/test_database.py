@@ -18,8 +18,10 @@ def select_one(url: str) -> int:
         return session.scalar(text("select 1"))
 
 
-def test_connections_that_died_with_a_restarted_database_are_replaced_before_use(settings, stop_postgres):
+def test_connections_that_died_while_idle_are_replaced_before_use(settings, stop_postgres, monkeypatch):
+    """Even when nothing told the client (a lost network): the ping after a pause finds it dead."""
     url = settings.database_url
+    monkeypatch.setattr(db, "_readable", lambda conn: False)  # as if the server had gone silent
     assert select_one(url) == 1  # a connection now waits in the pool
     with stop_postgres():
         pass  # down, then back on the same port: the pooled connection is dead
