@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # The API's port for `make demo` / `make up` (make demo PORT=8017).
 PORT ?= 8000
 
-.PHONY: setup system demo test lint bench eval up clean port-free measure-upscalers screenshots
+.PHONY: setup system demo test lint bench bench-gpu eval up clean port-free measure-upscalers screenshots
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -49,6 +49,10 @@ lint: $(VENV)/.installed
 
 bench: setup
 	$(PY) -m bench $(if $(QUICK),--quick)
+
+# Real-size SD 1.5 on a CUDA GPU: install your CUDA torch build and run `make bench-gpu TORCH=`.
+bench-gpu: $(VENV)/.installed
+	$(PY) -m bench.gpu
 
 eval: setup
 	$(VENV)/bin/step1x eval

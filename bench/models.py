@@ -1,5 +1,5 @@
 """Engine-level choices, each against its alternative in the same process: batching, the prompt
-cache, dynamic resolution, and a real-size SD UNet step (CPU, or CUDA when visible). Full runs only
+cache, dynamic resolution, and a real-size SD UNet step on the CPU (`bench.gpu` measures CUDA). Full runs only
 (`make bench`); the whole-system figures are in `bench.submit` and `bench.worker`."""
 
 from __future__ import annotations
@@ -86,51 +86,28 @@ def bench_dynamic_resolution() -> dict[str, Any]:
 
 def bench_unet() -> list[dict[str, Any]]:
     """A real-size SD 1.x UNet (randomly initialised from its published config: nothing downloaded),
-    one denoising step at 512 px. On CUDA: fp32 vs fp16 time and peak memory, and batch 8 vs 1
-    throughput in fp16. On a CPU: fp32 batch 2 vs 1 (fp16 does not run on CPUs here)."""
+    one denoising step at 512 px on the CPU, fp32: batch 2 vs 1. The CUDA path has its own benchmark,
+    `python -m bench.gpu`."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
     unet: Any = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
     unet.eval()
 
-    def step(dtype: torch.dtype, batch: int) -> tuple[float, float]:
-        net = unet.to(device=device, dtype=dtype)
-        if cuda:
-            net = net.to(memory_format=torch.channels_last)
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        latents = torch.randn(batch, 4, 64, 64, device=device, dtype=dtype)
-        text = torch.randn(batch, 77, 768, device=device, dtype=dtype)
-        t = torch.tensor([500], device=device)
+    def step(batch: int) -> float:
+        latents = torch.randn(batch, 4, 64, 64)
+        text = torch.randn(batch, 77, 768)
+        t = torch.tensor([500])
 
         def run() -> None:
             with torch.inference_mode():
-                net(latents, t, encoder_hidden_states=text)
-            if cuda:
-                torch.cuda.synchronize()
+                unet(latents, t, encoder_hidden_states=text)
 
-        seconds = best_of(run, repeats=5 if cuda else 1)
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan")
-        return seconds, peak
+        return best_of(run, repeats=1)
 
-    if not cuda:
-        one, _ = step(torch.float32, 1)
-        two, _ = step(torch.float32, 2)
-        return [{"case": "real-size SD UNet step, 512 px, CPU fp32: batch 2 vs 1", "baseline_s": one,
-                 "choice_s": two / 2, "ratio": one / (two / 2), "unit": "x images/s"}]
-    fp32, mem32 = step(torch.float32, 1)
-    fp16, mem16 = step(torch.float16, 1)
-    eight, _ = step(torch.float16, 8)
-    return [
-        {"case": f"real-size SD UNet step, 512 px: fp16 vs fp32 (peak {mem16:.2f} vs {mem32:.2f} GiB, "
-                 f"{(1 - mem16 / mem32) * 100:.0f}% less)", "baseline_s": fp32, "choice_s": fp16,
-         "ratio": fp32 / fp16, "unit": "x faster"},
-        {"case": "real-size SD UNet step, 512 px, fp16: batch 8 vs 1", "baseline_s": fp16,
-         "choice_s": eight / 8, "ratio": fp16 / (eight / 8), "unit": "x images/s"},
-    ]
+    one, two = step(1), step(2)
+    return [{"case": "real-size SD UNet step, 512 px, CPU fp32: batch 2 vs 1", "baseline_s": one,
+             "choice_s": two / 2, "ratio": one / (two / 2), "unit": "x images/s"}]
 
 
 def run(models_dir: Path) -> list[dict[str, Any]]:
