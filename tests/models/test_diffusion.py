@@ -340,7 +340,7 @@ def test_bf16_on_cpu_and_wrong_task_profiles(tiny_profile: ProfileFactory) -> No
 def test_cuda_fp16_engines(tiny_profile: ProfileFactory) -> None:
     engine = DiffusionEngine("tiny-sd", tiny_profile("tiny-sd", device="cuda"))
     assert engine.dtype == torch.float16
-    assert engine.pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert engine.pipe.unet.conv_in.weight.is_contiguous()  # NCHW: channels-last measured slower on CUDA
     first, again = (engine.run([gen(seed=5, width=100, height=70)])[0].image for _ in range(2))
     # cuDNN may pick kernels that round differently between calls: compare with the batch tolerance.
     assert first.size == (100, 70) and np.abs(pixels(first) - pixels(again)).max() <= BATCH_TOLERANCE
