@@ -3,18 +3,18 @@
 Stable Diffusion 1.5's UNet, VAE and CLIP text encoder are built from their published configs with
 random weights (nothing is downloaded: the time and memory of a forward pass do not depend on the
 weights' values). They run in diffusers' `StableDiffusionPipeline` the way `models.diffusion` places
-them on CUDA: fp16, channels-last UNet, PyTorch SDPA attention, prompt embeddings passed in.
+them on CUDA: fp16, NCHW UNet, PyTorch SDPA attention, prompt embeddings passed in.
 
 Figures, written to bench/gpu_results.json and printed as tables:
 - precision: fp32 / fp16 / bf16 time of one UNet step (one image with guidance, batch 2) and the
   peak memory of UNet + VAE + text encoder during it;
 - batch: images/s and peak memory of a whole 512x512 generation (text encoding, `--steps` guided
-  steps, VAE decode, PIL images) at micro-batch 1, 4, 8 and 16;
+  steps, VAE decode, PIL images) at micro-batch 1, 4, 8 and 16, the UNet NCHW and channels-last;
 - utilisation: UNet FLOPs (`torch.utils.flop_counter`) x steps x images / generation time / the
   card's dense fp16 peak, both as measured here (an 8192^3 fp16 matrix product) and as its datasheet
   gives it;
-- layout and compilation: a UNet step at batch 8 in NCHW, channels-last, and channels-last under
-  `torch.compile`, with the compile time.
+- layout and compilation: a UNet step for 1 and 8 guided images, NCHW and channels-last, eager and
+  (at 8) under `torch.compile`, with the compile time.
 
 `--tiny` runs the same code with tiny configs on a CPU in seconds (the tests use it; its figures mean
 nothing).
@@ -174,7 +174,6 @@ def measure_precisions(config: dict[str, Any], device: torch.device, clock: Cloc
         if device.type == "cpu" and dtype is torch.float16:
             continue  # half-precision convolutions are not a CPU path
         pipe = build_pipeline(config, device, dtype)
-        pipe.unet.to(memory_format=torch.channels_last)
         reset_peak(device)
         seconds = clock.median(unet_step(pipe.unet, unet_inputs(pipe, 2)), repeats=repeats, warmup=3)
         rows.append({"precision": name, "unet_step_ms": seconds * 1e3, "peak_gib": peak_gib(device)})
@@ -182,11 +181,14 @@ def measure_precisions(config: dict[str, Any], device: torch.device, clock: Cloc
     return rows
 
 
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
+
 def measure_batches(config: dict[str, Any], device: torch.device, clock: Clock, dtype: torch.dtype,
                     batches: tuple[int, ...], steps: int, repeats: int,
                     peaks: dict[str, float | None]) -> list[dict[str, Any]]:
+    """Whole generations at each micro-batch size, the UNet in each memory layout."""
     pipe = build_pipeline(config, device, dtype)
-    pipe.unet.to(memory_format=torch.channels_last)
     flops = unet_flops(pipe, 2)  # one image with guidance: the conditional and unconditional halves
     size = config["size"]
     rows: list[dict[str, Any]] = []
@@ -198,41 +200,46 @@ def measure_batches(config: dict[str, Any], device: torch.device, clock: Clock, 
                               guidance_scale=GUIDANCE, height=size, width=size, output_type="pil").images
             assert len(images) == batch and images[0].size == (size, size)
 
-        reset_peak(device)
-        seconds = clock.median(generate, repeats=repeats)
-        rows.append({"batch": batch, "seconds": seconds, "images_per_s": batch / seconds,
-                     "peak_gib": peak_gib(device), "unet_flops_per_image_step": flops,
-                     "utilisation_vs_measured": utilisation(flops, steps, batch, seconds, peaks["measured"]),
-                     "utilisation_vs_datasheet": utilisation(flops, steps, batch, seconds, peaks["datasheet"])})
+        for layout, memory_format in LAYOUTS.items():
+            pipe.unet.to(memory_format=memory_format)
+            reset_peak(device)
+            seconds = clock.median(generate, repeats=repeats)
+            rows.append({"batch": batch, "layout": layout, "seconds": seconds, "images_per_s": batch / seconds,
+                         "peak_gib": peak_gib(device), "unet_flops_per_image_step": flops,
+                         "utilisation_vs_measured": utilisation(flops, steps, batch, seconds, peaks["measured"]),
+                         "utilisation_vs_datasheet": utilisation(flops, steps, batch, seconds, peaks["datasheet"])})
     latents = torch.randn(8, 4, size // 8, size // 8, device=device, dtype=dtype)
 
     def decode() -> None:
         with torch.inference_mode():
             pipe.vae.decode(latents / pipe.vae.config.scaling_factor)
     vae_seconds = clock.median(decode, repeats=repeats)
-    eight = next((r for r in rows if r["batch"] == 8), None)
-    if eight:
-        eight["vae_decode_share"] = vae_seconds / eight["seconds"]
+    for row in rows:
+        if row["batch"] == 8:
+            row["vae_decode_share"] = vae_seconds / row["seconds"]
     return rows
 
 
 def measure_layouts(config: dict[str, Any], device: torch.device, clock: Clock, dtype: torch.dtype, repeats: int,
                     compile_unet: bool) -> list[dict[str, Any]]:
+    """One UNet step for 1 and 8 guided images in each layout, eager; compiled at 8 images."""
     pipe = build_pipeline(config, device, dtype)
-    inputs = unet_inputs(pipe, 16)  # 8 images with guidance
-    rows = [{"layout": "NCHW, eager", "unet_step_ms": clock.median(unet_step(pipe.unet, inputs), repeats, 3) * 1e3}]
-    pipe.unet.to(memory_format=torch.channels_last)
-    rows.append({"layout": "channels-last, eager",
-                 "unet_step_ms": clock.median(unet_step(pipe.unet, inputs), repeats, 3) * 1e3})
-    if compile_unet:
-        compiled = torch.compile(pipe.unet)
-        started = time.perf_counter()
-        unet_step(compiled, inputs)()
-        clock.sync()
-        compile_s = time.perf_counter() - started
-        rows.append({"layout": "channels-last, torch.compile",
-                     "unet_step_ms": clock.median(unet_step(compiled, inputs), repeats, 3) * 1e3,
-                     "compile_s": compile_s})
+    rows: list[dict[str, Any]] = []
+    for images in (1, 8):
+        inputs = unet_inputs(pipe, 2 * images)
+        for layout, memory_format in LAYOUTS.items():
+            pipe.unet.to(memory_format=memory_format)
+            rows.append({"images": images, "layout": layout, "mode": "eager",
+                         "unet_step_ms": clock.median(unet_step(pipe.unet, inputs), repeats, 3) * 1e3})
+            if compile_unet and images == 8:
+                compiled = torch.compile(pipe.unet)
+                started = time.perf_counter()
+                unet_step(compiled, inputs)()
+                clock.sync()
+                compile_s = time.perf_counter() - started
+                rows.append({"images": images, "layout": layout, "mode": "torch.compile", "compile_s": compile_s,
+                             "unet_step_ms": clock.median(unet_step(compiled, inputs), repeats, 3) * 1e3})
+                torch._dynamo.reset()  # the next layout compiles afresh rather than guarding on this one
     return rows
 
 
@@ -294,18 +301,20 @@ def print_tables(results: dict[str, Any]) -> None:
     console.print(table)
     table = Table(title=f"Whole generation, {results['size']} px, {results['steps']} steps, "
                         f"guidance {results['guidance_scale']}")
-    for column in ("batch", "s", "images/s", "peak GiB", "utilisation (measured peak)", "utilisation (datasheet)"):
+    for column in ("batch", "UNet layout", "s", "images/s", "peak GiB", "utilisation (measured peak)",
+                   "utilisation (datasheet)"):
         table.add_column(column)
     for row in results["batches"]:
-        table.add_row(str(row["batch"]), f"{row['seconds']:.2f}", f"{row['images_per_s']:.2f}",
+        table.add_row(str(row["batch"]), row["layout"], f"{row['seconds']:.2f}", f"{row['images_per_s']:.2f}",
                       f"{row['peak_gib'] or 0:.2f}", f"{row['utilisation_vs_measured'] or 0:.1%}",
                       f"{row['utilisation_vs_datasheet'] or 0:.1%}")
     console.print(table)
-    table = Table(title="UNet step at batch 8 with guidance (16 latents)")
-    for column in ("layout", "ms", "compile s"):
+    table = Table(title="UNet step, guided images (2 latents each)")
+    for column in ("images", "layout", "mode", "ms", "compile s"):
         table.add_column(column)
     for row in results["layouts"]:
-        table.add_row(row["layout"], f"{row['unet_step_ms']:.1f}", f"{row.get('compile_s', 0):.0f}")
+        table.add_row(str(row["images"]), row["layout"], row["mode"], f"{row['unet_step_ms']:.1f}",
+                      f"{row.get('compile_s', 0):.0f}")
     console.print(table)
 
 

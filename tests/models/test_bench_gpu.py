@@ -19,11 +19,13 @@ def test_every_section_is_measured_and_saved_as_it_goes() -> None:
     assert [s[-1] for s in saved] == ["peak_flops", "precision", "batches", "layouts"]
     # fp16 convolutions are not a CPU path, so a CPU run measures fp32 and bf16.
     assert [row["precision"] for row in results["precision"]] == ["fp32", "bf16"]
-    assert [row["batch"] for row in results["batches"]] == [1, 2]
+    assert [(row["batch"], row["layout"]) for row in results["batches"]] == [
+        (1, "nchw"), (1, "channels_last"), (2, "nchw"), (2, "channels_last")]
     for row in results["batches"]:
         assert row["images_per_s"] == pytest.approx(row["batch"] / row["seconds"])
         assert row["utilisation_vs_measured"] > 0 and row["utilisation_vs_datasheet"] is None  # no datasheet CPU
-    assert [row["layout"] for row in results["layouts"]] == ["NCHW, eager", "channels-last, eager"]
+    assert [(row["images"], row["layout"], row["mode"]) for row in results["layouts"]] == [
+        (images, layout, "eager") for images in (1, 8) for layout in ("nchw", "channels_last")]
 
 
 def test_flops_are_counted_per_latent() -> None:
