@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +118,22 @@ class BenchStack:
         if self.workers:
             launcher.stop_all(self.workers)
             self.workers = []
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds so far: the worker pool process's task thread (forward passes, claims), its
+        other threads (storing, uploads, heartbeats), and every other process on the machine
+        (PostgreSQL, SeaweedFS, Redis, the API, Celery's main process, this bench)."""
+        pool = psutil.Process(self.workers[0].pid).children(recursive=True)[0]
+        # The task runs on the pool process's main thread, whose thread id is the process id.
+        threads = {t.id: t.user_time + t.system_time for t in pool.threads()}
+        task = threads.pop(pool.pid)
+        machine = 0.0
+        for process in psutil.process_iter():
+            with suppress(psutil.Error):
+                if process.pid != pool.pid:
+                    times = process.cpu_times()
+                    machine += times.user + times.system
+        return {"task_thread": task, "other_threads": sum(threads.values()), "other_processes": machine}
 
     def worker_rss(self) -> int:
         """Resident bytes of the worker: the main process and its pool child."""

@@ -5,6 +5,9 @@
 - batching_gain: the same jobs planned into micro-batches ÷ micro-batches of one (forced by a
   calibration row, the planner's own input); raw_batching_gain: the same for the raw loop, which
   bounds it.
+- worker_task_thread_cpu_vs_raw, worker_other_threads_cpu_vs_raw, other_processes_cpu_vs_raw: CPU
+  seconds spent during the planned run by the worker pool process's task thread, by its other threads
+  (storing, uploads, heartbeats) and by every other process, each ÷ the raw loop's seconds.
 - upload_bound_ratio: near no-op jobs (lanczos on an 8x8 image) per second ÷ a bare loop of S3 PUTs
   of the same objects through the same client.
 - orchestration_vs_bare_celery: the same near no-op jobs/s ÷ a bare Celery no-op task loop (one
@@ -71,7 +74,9 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     from models.profiles import create_engine
 
     _run_batch(client, _items(16, "warm", **GENERATE))  # the worker loads the model
+    cpu_before = stack.cpu_seconds()
     _, planned_s = _run_batch(client, _items(n, "planned", **GENERATE))
+    cpu = {name: spent - cpu_before[name] for name, spent in stack.cpu_seconds().items()}
     with session_scope(stack.settings.database_url) as session:
         session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
                                 images_per_s=0.0, trials=[], worker="bench"))
@@ -102,7 +107,13 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     raw_single_s = time.perf_counter() - started
     return {"engine_bound_ratio": raw_s / planned_s, "batching_gain": (n / planned_s) / (few / single_s),
             "raw_batching_gain": (n / raw_s) / (few / raw_single_s),
-            "system_images_per_s": n / planned_s, "raw_engine_images_per_s": n / raw_s}
+            "system_images_per_s": n / planned_s, "raw_engine_images_per_s": n / raw_s,
+            # Where the system's time went, in CPU seconds per second of the raw loop: the worker's
+            # threads adding up to the whole slowdown, beside a half-idle second core, say that the
+            # one interpreter lock of the worker process is the limit, not the machine.
+            "worker_task_thread_cpu_vs_raw": cpu["task_thread"] / raw_s,
+            "worker_other_threads_cpu_vs_raw": cpu["other_threads"] / raw_s,
+            "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s}
 
 
 def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
