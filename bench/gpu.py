@@ -46,7 +46,7 @@ DATASHEET_FP16 = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 PCIe": 756
                   "A100": 312e12, "L40S": 362.1e12, "L4": 121e12, "A10G": 125e12, "RTX 4090": 165.2e12}
 
 # SD 1.5's published configs (runwayml/stable-diffusion-v1-5: unet/, vae/, text_encoder/config.json);
-# the tiny ones keep the same block structure at a size a CPU runs in milliseconds.
+# the tiny ones are the same kinds of blocks, few and narrow, so a CPU runs them in milliseconds.
 SD15 = {
     "unet": {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
              "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2},
@@ -105,7 +105,7 @@ def build_pipeline(config: dict[str, Any], device: torch.device, dtype: torch.dt
                               clip_sample=False, set_alpha_to_one=False, steps_offset=1)
     # No tokenizer: prompts arrive as embeddings, as the engine's prompt cache hands them over.
     pipe: Any = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=None, unet=unet, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe
