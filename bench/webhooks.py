@@ -72,7 +72,7 @@ def stack(workdir: Path) -> Iterator[Any]:
     from core.db import upgrade
     from core.services import start_postgres, start_redis
     from core.settings import get_settings
-    from workers.launcher import stop_all
+    from workers.launcher import QUIET, stop_all
 
     with ExitStack() as stop:
         redis = stop.enter_context(start_redis(workdir))
@@ -87,7 +87,8 @@ def stack(workdir: Path) -> Iterator[Any]:
         log = stop.enter_context((workdir / "control.log").open("wb"))
         proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "workers.deliver", "worker", "-Q", "control", "-P", "threads",
-             "-c", str(THREADS), "-B", "-s", str(workdir / "beat"), "-n", "control@bench", "--loglevel", "WARNING"],
+             "-c", str(THREADS), "-B", "-s", str(workdir / "beat"), "-n", "control@bench", "--loglevel", "WARNING",
+             *QUIET],
             env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         stop.callback(stop_all, [proc])
         yield settings

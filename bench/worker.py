@@ -36,6 +36,7 @@ from bench.stack import BenchStack
 from core.db import session_scope
 from core.storage import Storage, output_key
 from core.tables import Batch, Calibration, Job
+from workers.launcher import QUIET
 
 # cache off: every figure must run the engine, not copy an identical earlier output (same prompt and seed)
 GENERATE = {"kind": "generate", "prompt": "a product photo", "width": 64, "height": 64, "steps": 10, "cache": False}
@@ -140,7 +141,7 @@ def bare_celery(stack: BenchStack, n: int) -> float:
     broker.delete(DONE)
     env = {**os.environ, "BENCH_BROKER_URL": stack.settings.redis_url}
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench.noop", "worker", "-Q", QUEUE,
-                               "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING"],
+                               "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING", *QUIET],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         app = app_for(stack.settings.redis_url)

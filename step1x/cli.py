@@ -128,7 +128,12 @@ def worker(gpus: Annotated[str, typer.Option(help="'all', 'cpu', or GPU indices 
     Each takes micro-batches only from the queues of the models it serves."""
     from workers import launcher
 
-    raise typer.Exit(launcher.run(gpus, loglevel=loglevel, beat=beat, models_spec=models, calibrate_first=calibrate))
+    try:
+        code = launcher.run(gpus, loglevel=loglevel, beat=beat, models_spec=models, calibrate_first=calibrate)
+    except ValueError as exc:  # --gpus or --models naming what is not there: say so, no traceback
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
 
 
 @app.command()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from core.settings import Settings, get_settings
-from workers.launcher import stop_all
+from workers.launcher import QUIET, stop_all
 
 
 @dataclass
@@ -118,7 +118,8 @@ def control(outbound: Settings, tmp_path: Path) -> Iterator[None]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "celery", "-A", "workers.deliver", "worker", "-Q", "control", "-P", "threads",
          "-c", "8", "-B", "-s", str(tmp_path / "beat-schedule"), "-n", f"control-{uuid.uuid4().hex[:6]}@test",
-         "--loglevel", "INFO"], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+         "--loglevel", "INFO", *QUIET], env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)
     try:
         yield
     finally:

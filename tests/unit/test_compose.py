@@ -9,7 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
+from core.dispatch import LANES, queue_for
 from core.settings import Settings
+from workers.launcher import QUIET, worker_commands
 
 COMPOSE = Path(__file__).resolve().parents[2] / "docker-compose.yml"
 APP_SERVICES = ("api", "control")
@@ -62,35 +64,41 @@ def test_app_services_share_the_production_environment(services: dict[str, dict[
     assert environments[0]["STEP1X_S3_ENDPOINT_URL"] == "http://minio:9000"
 
 
-def test_each_worker_owns_one_distinct_gpu_and_name(services: dict[str, dict[str, Any]]) -> None:
+def test_each_worker_owns_one_distinct_gpu(services: dict[str, dict[str, Any]]) -> None:
     gpus: list[str] = []
-    names: list[str] = []
     for name, worker in _workers(services).items():
         [device] = worker["deploy"]["resources"]["reservations"]["devices"]
         assert device["driver"] == "nvidia"
         assert device["capabilities"] == ["gpu"]
         assert len(device["device_ids"]) == 1, f"{name} must be pinned to exactly one GPU"
         gpus.append(str(device["device_ids"][0]))
-        command = _command(worker)
-        assert command.startswith("celery -A workers.app worker")
-        assert "--concurrency 1" in command
-        node = re.search(r"-n (\S+)", command)
-        assert node, f"{name} has no Celery node name"
-        names.append(node.group(1))
+        # The launcher builds the Celery command, so the queues are those of the configured models
+        # (`bulk.<model>`, ...), the ones the API sends to; the container's one GPU is its index 0.
+        # Node names are gpu0@<container hostname>: distinct as long as no worker fixes a hostname.
+        assert _command(worker).split(" --loglevel")[0] == "step1x worker --gpus 0"
+        assert "hostname" not in worker, f"{name} would share its Celery node name with its copies"
     assert len(set(gpus)) == len(gpus), f"two workers share a GPU: {gpus}"
-    assert len(set(names)) == len(names), f"two workers share a node name: {names}"
+
+
+def test_the_workers_consume_the_queues_the_api_sends_to() -> None:
+    """The compose workers run `step1x worker`, whose Celery command this is: every queue a
+    micro-batch of a configured model can be sent to is consumed."""
+    settings = Settings(compute="cuda")
+    [(_, argv, _)] = worker_commands(["0"], models=list(settings.models))
+    consumed = argv[argv.index("-Q") + 1].split(",")
+    assert {queue_for(lane, model) for lane in LANES for model in settings.models} <= set(consumed)
 
 
 def test_one_control_process_runs_the_reconciler_and_beat(services: dict[str, dict[str, Any]]) -> None:
     command = _command(services["control"])
     assert command.startswith("celery -A workers.control worker")
     assert "-Q control" in command and "--pool threads" in command and "--beat" in command
+    assert set(QUIET) <= set(command.split()), "the control process here starts as the launcher's does"
     beats = [name for name, service in services.items() if "--beat" in _command(service)
              or " beat" in _command(service).split(" worker")[0]]
     assert beats == ["control"]
-    for worker in _workers(services).values():  # inference workers never take control work
-        queues = re.search(r"-Q (\S+)", _command(worker))
-        assert queues and "control" not in queues.group(1).split(",")
+    # Inference workers never take control work: `step1x worker` without --beat consumes model queues only.
+    assert all("--beat" not in _command(worker) for worker in _workers(services).values())
 
 
 def test_backing_services_and_api_have_healthchecks(services: dict[str, dict[str, Any]]) -> None:

@@ -50,3 +50,23 @@ def test_the_control_process_never_imports_torch(tmp_path):
     env = {**os.environ, "STEP1X_DATA_DIR": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_worker_with_a_gpu_that_is_not_there_says_so_without_a_traceback(monkeypatch):
+    from typer.testing import CliRunner
+
+    from step1x.cli import app
+    from workers import launcher
+
+    monkeypatch.setattr(launcher, "detect_gpus", lambda: ["0"])
+    result = CliRunner().invoke(app, ["worker", "--gpus", "0,3"])
+    assert result.exit_code == 2
+    assert "GPU 3 not found (found: 0)" in result.output and "Traceback" not in result.output
+
+
+def test_workers_and_control_start_without_celery_chatter():
+    """Nothing reads gossip, mingle or heartbeat events (workers report to the database), and mingle
+    costs a second at every start: both kinds of process leave them off."""
+    *workers, control = worker_commands(["0"], control=True)
+    for _, argv, _ in [*workers, control]:
+        assert {"--without-gossip", "--without-mingle", "--without-heartbeat"} <= set(argv)
