@@ -77,6 +77,8 @@ def test_each_worker_owns_one_distinct_gpu(services: dict[str, dict[str, Any]]) 
         # Node names are gpu0@<container hostname>: distinct as long as no worker fixes a hostname.
         assert _command(worker).split(" --loglevel")[0] == "step1x worker --gpus 0"
         assert "hostname" not in worker, f"{name} would share its Celery node name with its copies"
+        # Docker's stop must not kill the launcher's warm shutdown (stop_all: 20 s) midway.
+        assert worker.get("init") is True and int(worker["stop_grace_period"].removesuffix("s")) > 20
     assert len(set(gpus)) == len(gpus), f"two workers share a GPU: {gpus}"
 
 
