@@ -91,7 +91,9 @@ def bench_unet() -> list[dict[str, Any]]:
     import torch
     from diffusers import UNet2DConditionModel
 
-    unet: Any = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8)
+    from bench.gpu import SD15
+
+    unet: Any = UNet2DConditionModel(in_channels=4, out_channels=4, **SD15["unet"])
     unet.eval()
 
     def step(batch: int) -> float:
