@@ -49,7 +49,7 @@ DATASHEET_FP16 = {"H200": 989.4e12, "H100 80GB HBM3": 989.4e12, "H100 PCIe": 756
 # SD 1.5's published configs (runwayml/stable-diffusion-v1-5: unet/, vae/, text_encoder/config.json);
 # the tiny ones are the same kinds of blocks, few and narrow, so a CPU runs them in milliseconds. Not
 # models.tiny's: this module runs on GPU hosts with torch and diffusers alone, without the service.
-SD15 = {
+SD15: dict[str, Any] = {
     "unet": {"sample_size": 64, "cross_attention_dim": 768, "attention_head_dim": 8,
              "block_out_channels": (320, 640, 1280, 1280), "layers_per_block": 2},
     "vae": {"block_out_channels": (128, 256, 512, 512), "layers_per_block": 2, "sample_size": 512},
@@ -57,7 +57,7 @@ SD15 = {
              "projection_dim": 768, "vocab_size": 49408},
     "size": 512,
 }
-TINY = {
+TINY: dict[str, Any] = {
     "unet": {"sample_size": 8, "cross_attention_dim": 16, "attention_head_dim": 4, "block_out_channels": (8, 16),
              "layers_per_block": 1, "norm_num_groups": 4,
              "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
