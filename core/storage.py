@@ -1,8 +1,8 @@
 """Object storage: any S3-compatible service (SeaweedFS, MinIO, AWS S3).
 
 Keys are deterministic (`outputs/{tenant}/{batch}/{job}.png`), so a job that runs twice overwrites
-its output instead of leaving a duplicate. Writes, the workers' hot path, go through `PutClient`
-(one signed PUT on a connection pool); everything else through boto3.
+its output instead of leaving a duplicate. Writes and reads of whole objects, the workers' hot
+path, go through `ObjectClient` (one signed request on a connection pool); everything else through boto3.
 """
 
 from __future__ import annotations
@@ -53,18 +53,16 @@ def attachment(filename: str) -> str:
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='!#$&+-.^_`|~')}"
 
 
-class PutError(Exception):
-    """A PUT the service refused, or could not take, after the retries."""
+class ObjectError(Exception):
+    """A request the service refused, or could not take, after the retries."""
 
 
-class PutClient:
-    """PutObject signed with AWS Signature Version 4 and sent on a urllib3 pool: what boto3's
-    put_object sends, for a third of its CPU (measured 0.38 vs 1.1 ms per object). A worker's upload
-    threads share the interpreter with the forward pass, so every millisecond holding the GIL here
-    is one the engine waits. Path-style addressing, as the boto3 client is configured; retries on
-    connection errors and 5xx like botocore's standard mode (a PUT of the same bytes is idempotent)."""
-
-    SIGNED = "content-type;host;x-amz-content-sha256;x-amz-date"
+class ObjectClient:
+    """PutObject and GetObject signed with AWS Signature Version 4 and sent on a urllib3 pool: what
+    boto3 sends, for a third of its CPU (measured 0.38 vs 1.1 ms per PUT). A worker's upload and
+    input-reading threads share the interpreter with the forward pass, so every millisecond holding
+    the GIL here is one the engine waits. Path-style addressing, as the boto3 client is configured;
+    retries on connection errors and 5xx like botocore's standard mode (both requests are idempotent)."""
 
     def __init__(self, endpoint: str, region: str, access_key: str, secret_key: str, connections: int,
                  attempts: int) -> None:
@@ -82,26 +80,40 @@ class PutClient:
         self._keys: dict[str, bytes] = {}
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        self._send("PUT", bucket, key, data, content_type)
+
+    def get(self, bucket: str, key: str) -> bytes:
+        """The object's bytes; NotFound if there is no such object."""
+        return self._send("GET", bucket, key)
+
+    def _send(self, method: str, bucket: str, key: str, data: bytes = b"", content_type: str | None = None) -> bytes:
         path = quote(f"{self.base}/{bucket}/{key}", safe="/~")
         try:
-            response = self.pool.urlopen("PUT", path, body=data, headers=self.headers(path, data, content_type))
+            response = self.pool.urlopen(method, path, body=data if method == "PUT" else None,
+                                         headers=self.headers(method, path, data, content_type))
         except urllib3.exceptions.HTTPError as exc:
-            raise PutError(f"PUT {key!r} to {self.host}: {exc}") from exc
+            raise ObjectError(f"{method} {key!r} to {self.host}: {exc}") from exc
+        if response.status == 404 and method == "GET":
+            raise NotFound(f"object {key!r} is not in bucket {bucket!r}")
         if response.status >= 300:
-            raise PutError(f"PUT {key!r} to {self.host}: HTTP {response.status}: {response.data[:300]!r}")
+            raise ObjectError(f"{method} {key!r} to {self.host}: HTTP {response.status}: {response.data[:300]!r}")
+        return bytes(response.data)
 
-    def headers(self, path: str, data: bytes, content_type: str, now: datetime | None = None) -> dict[str, str]:
+    def headers(self, method: str, path: str, data: bytes = b"", content_type: str | None = None,
+                now: datetime | None = None) -> dict[str, str]:
         stamp = (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
         day = stamp[:8]
         digest = hashlib.sha256(data).hexdigest()
-        canonical = (f"PUT\n{path}\n\ncontent-type:{content_type}\nhost:{self.host}\n"
-                     f"x-amz-content-sha256:{digest}\nx-amz-date:{stamp}\n\n{self.SIGNED}\n{digest}")
+        headers = {"content-type": content_type} if content_type else {}
+        headers |= {"host": self.host, "x-amz-content-sha256": digest, "x-amz-date": stamp}
+        signed = ";".join(headers)  # already in the sorted order SigV4 wants
+        lines = "".join(f"{name}:{value}\n" for name, value in headers.items())
+        canonical = f"{method}\n{path}\n\n{lines}\n{signed}\n{digest}"
         scope = f"{day}/{self.region}/s3/aws4_request"
         to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         signature = hmac.new(self._key(day), to_sign.encode(), hashlib.sha256).hexdigest()
-        return {"Host": self.host, "Content-Type": content_type, "X-Amz-Content-SHA256": digest,
-                "X-Amz-Date": stamp, "Authorization": f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
-                                                      f"SignedHeaders={self.SIGNED}, Signature={signature}"}
+        return {**headers, "authorization": f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                                            f"SignedHeaders={signed}, Signature={signature}"}
 
     def _key(self, day: str) -> bytes:
         """The signing key, derived once a day."""
@@ -147,21 +159,17 @@ class Storage:
             self.client.create_bucket(Bucket=self.bucket)
 
     @cached_property
-    def writer(self) -> PutClient:
+    def objects(self) -> ObjectClient:
         s = self.settings
-        return PutClient(self.client.meta.endpoint_url, s.s3_region, s.s3_access_key, s.s3_secret_key,
-                         connections=s.upload_concurrency + 2, attempts=s.s3_max_attempts)
+        # Connections for the uploads, the micro-batch's input reads and the lookahead's.
+        return ObjectClient(self.client.meta.endpoint_url, s.s3_region, s.s3_access_key, s.s3_secret_key,
+                            connections=2 * s.upload_concurrency + 2, attempts=s.s3_max_attempts)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self.writer.put(self.bucket, key, data, content_type)
+        self.objects.put(self.bucket, key, data, content_type)
 
     def get(self, key: str) -> bytes:
-        try:
-            return bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
-                raise NotFound(f"object {key!r} is not in bucket {self.bucket!r}") from exc
-            raise
+        return self.objects.get(self.bucket, key)
 
     def exists(self, key: str) -> bool:
         try:

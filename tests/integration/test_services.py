@@ -17,7 +17,7 @@ from botocore.exceptions import ClientError
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from core.errors import ServiceUnavailable
+from core.errors import NotFound, ServiceUnavailable
 from core.services import (
     ChildService,
     s3_client,
@@ -26,7 +26,7 @@ from core.services import (
     start_seaweedfs,
 )
 from core.settings import Settings
-from core.storage import PutError, Storage
+from core.storage import ObjectError, Storage
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
 pytestmark = pytest.mark.integration
@@ -118,11 +118,23 @@ def test_storage_put_writes_what_boto3_reads(settings: Settings, key: str) -> No
     assert storage.get(key) == b"second run"
 
 
-def test_storage_put_refused_names_the_key_and_the_status(settings: Settings) -> None:
+@pytest.mark.parametrize("key", ["inputs/acme/file_1", "inputs/a tenant/été+1=~x/file (2)"])
+def test_storage_get_reads_what_boto3_wrote(settings: Settings, key: str) -> None:
+    storage = Storage(settings)
+    storage.client.put_object(Bucket=settings.s3_bucket, Key=key, Body=b"\x89PNG input")
+    assert storage.get(key) == b"\x89PNG input"
+    with pytest.raises(NotFound, match=r"'inputs/acme/nothing' is not in bucket"):
+        storage.get("inputs/acme/nothing")
+
+
+def test_storage_refusals_name_the_key_and_the_status(settings: Settings) -> None:
+    Storage(settings).put("inputs/x", b"x", "image/png")
     storage = Storage(settings.model_copy(update={"s3_secret_key": "not-the-secret"}))
-    with pytest.raises(PutError, match=r"'outputs/x.png'.*HTTP 403"):
+    with pytest.raises(ObjectError, match=r"PUT 'outputs/x.png'.*HTTP 403"):
         storage.put("outputs/x.png", b"x", "image/png")
     assert not Storage(settings).exists("outputs/x.png")
+    with pytest.raises(ObjectError, match=r"GET 'inputs/x'.*HTTP 403"):
+        storage.get("inputs/x")
 
 
 def test_settings_fixture_gives_a_migrated_database_empty_redis_and_a_bucket(settings: Settings) -> None:
