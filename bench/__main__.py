@@ -1,7 +1,8 @@
 """`make bench` (`python -m bench [--quick]`): the whole system's throughput figures, measured side by
 side in one run. Families run interleaved (submission, worker, submission, worker, ...), each
 repeated REPEATS times; the table shows min / median / max and the target, and everything is
-written to bench/results.json. Full runs add the engine-level comparisons of `bench.models`.
+written to bench/results.json. Full runs add the engine-level comparisons of `bench.models`, webhook
+delivery (`bench.webhooks`) and the input lookahead (`bench.prefetch`).
 """
 
 from __future__ import annotations
@@ -112,9 +113,10 @@ def main() -> None:
                                   indent=2) + "\n")
     console.print(f"written to {RESULTS}")
     if not args.quick:
-        from bench import webhooks
+        from bench import prefetch, webhooks
 
         webhooks.main()
+        prefetch.main()
 
 
 if __name__ == "__main__":

@@ -106,8 +106,10 @@ class BenchStack:
     def client(self, timeout: float = 600) -> httpx.Client:
         return httpx.Client(base_url=self.api_url, timeout=timeout, headers={"Authorization": f"Bearer {self.key}"})
 
-    def start_worker(self, models: Sequence[str] | None = None) -> None:
-        self.workers = launcher.start_workers([], self.workdir / "logs", "WARNING", env=self.env, models=models)
+    def start_worker(self, models: Sequence[str] | None = None, **env: str) -> None:
+        """A worker on this stack; `env` adds or overrides its STEP1X_* variables."""
+        self.workers = launcher.start_workers([], self.workdir / "logs", "WARNING", env={**self.env, **env},
+                                              models=models)
         # Ready when the pool child has started.
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not psutil.Process(self.workers[0].pid).children(recursive=True):

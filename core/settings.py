@@ -135,6 +135,10 @@ class Settings(BaseSettings):
     # Micro-batches a worker may hold to be encoded and uploaded while its engine runs the next one;
     # past it the next forward pass waits for storage (back-pressure, memory bounded).
     pipeline_depth: int = 2
+    # While the engine runs a micro-batch, read and decode the inputs of the one the worker will
+    # likely take next (`workers.lookahead`): at most one micro-batch of inputs ahead. Unset: on
+    # unless S3 is on this machine's loopback.
+    prefetch_inputs: bool | None = None
     # boto3's own tries per S3 call before the micro-batch counts as interrupted and is retried whole.
     s3_max_attempts: int = 5
     # Defaults of a batch's `completion_window` (jobs not finished by then end expired) and

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import logging
 import threading
@@ -43,6 +42,7 @@ from core.tables import Batch, Job, utcnow
 from core.usage import Usage
 from models.engine import Canceled, Engine, ImageRequest, ImageResult
 from models.profiles import library_versions
+from workers.lookahead import Lookahead, read_input
 from workers.progress import Watch
 from workers.registry import Presence
 from workers.stopwatch import Stopwatch
@@ -250,21 +250,20 @@ class MicroBatch:
     """One micro-batch's run through the stages, with the worker's warm engines and storage."""
 
     def __init__(self, settings: Settings, storage: Storage, engines: Callable[[str], Engine], worker: str,
-                 presence: Presence | None = None):
+                 presence: Presence | None = None, lookahead: Lookahead | None = None):
         self.settings = settings
         self.storage = storage
         self.engines = engines
         self.worker = worker
         self.presence = presence
+        self.lookahead = lookahead
         self._inputs: dict[str, Image.Image] = {}
 
     def _image(self, tenant: str) -> Callable[[str], Image.Image]:
         def load(file_id: str) -> Image.Image:
             key = input_key(tenant, file_id)
             if key not in self._inputs:
-                image = Image.open(io.BytesIO(self.storage.get(key)))
-                image.load()  # kept only once decoded: bad bytes fail every job that reads them
-                self._inputs[key] = image
+                self._inputs[key] = read_input(self.storage, key)
             return self._inputs[key]
         return load
 
@@ -275,6 +274,12 @@ class MicroBatch:
         job alone, storage trouble interrupts the micro-batch."""
         wanted = {(job.tenant_id, file_id) for job in jobs for name in FILE_FIELDS
                   if isinstance(file_id := job.spec.get(name), str)}
+        if self.lookahead is not None:  # read ahead: adopted now, before the next peek can drop them
+            for tenant, file_id in list(wanted):
+                image = self.lookahead.adopt(key := input_key(tenant, file_id))
+                if image is not None:
+                    self._inputs[key] = image
+                    wanted.discard((tenant, file_id))
         if len(wanted) < 2:
             return
 
@@ -353,6 +358,8 @@ class MicroBatch:
             if source is None or not self._reuse(outcome, *source):
                 to_run.append(outcome)
         self._read_inputs([outcome.job for outcome in to_run])
+        if self.lookahead is not None:  # this micro-batch's inputs are in: read the next one's meanwhile
+            self.lookahead.ahead(outcome.job.id for outcome in group)
         for outcome in to_run:
             job = outcome.job
             try:

@@ -30,20 +30,27 @@ from models.profiles import Registry
 from workers import pipeline, registry, telemetry
 from workers.app import app
 from workers.batch import Interrupted, MicroBatch
+from workers.lookahead import Lookahead, prefetching
 from workers.pause import hand_back_if_paused
 
 log = logging.getLogger(__name__)
 
 
 @cache
-def _worker_state() -> tuple[Storage, Registry, pipeline.Pipeline]:
+def _worker_state() -> tuple[Storage, Registry, pipeline.Pipeline, Lookahead | None]:
     """Built on first use inside the worker process (after fork), then kept warm."""
     settings = get_settings()
     engines = Registry(settings)
     presence = registry.current()
     if presence is not None:
         presence.profiles = engines.loaded
-    return Storage(settings), engines, pipeline.Pipeline(settings.pipeline_depth)
+    storage = Storage(settings)
+    # The queues this worker reads, in the order it reads them (its -Q list).
+    queues = list(app.amqp.queues.consume_from or ())
+    lookahead = Lookahead(settings, storage, queues) if prefetching(settings) and queues else None
+    if lookahead is not None:
+        log.info("reading inputs ahead: the next message of %s", ", ".join(queues))
+    return storage, engines, pipeline.Pipeline(settings.pipeline_depth), lookahead
 
 
 @worker_process_shutdown.connect
@@ -77,11 +84,11 @@ def run_batch(self: Task, job_ids: list[str], interrupted: dict[str, int] | None
     settings = get_settings()
     if hand_back_if_paused(self, settings, job_ids):
         return {"claimed": 0, "paused": True}
-    storage, engines, outputs = _worker_state()
+    storage, engines, outputs, lookahead = _worker_state()
     if waiting := outputs.holding(job_ids):  # already run here and waiting to be stored
         job_ids = [job_id for job_id in job_ids if job_id not in waiting]
     worker = self.request.hostname or "worker"
-    batch = MicroBatch(settings, storage, engines.get, worker=worker, presence=registry.current())
+    batch = MicroBatch(settings, storage, engines.get, worker=worker, presence=registry.current(), lookahead=lookahead)
     try:
         staged = batch.start(job_ids, interrupted)
     except Exception as exc:  # Interrupted, or the claim itself could not reach the database
