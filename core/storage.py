@@ -138,7 +138,8 @@ class Storage:
             aws_access_key_id=s.s3_access_key, aws_secret_access_key=s.s3_secret_key,
             config=Config(signature_version="s3v4", s3={"addressing_style": "path"},
                           retries={"max_attempts": s.s3_max_attempts, "mode": "standard"},
-                          # one connection per input-reading thread (as many as upload threads), plus room
+                          # whole-object reads and writes go through `objects`; what is left here
+                          # (copies of cached outputs, deletes, presigning) runs a few threads at most
                           max_pool_connections=s.upload_concurrency + 2),
         )
 
