@@ -15,7 +15,7 @@ BODY = bytes(range(256)) * 4096  # 1 MiB: many chunks
 
 
 class Handler(BaseHTTPRequestHandler):
-    def do_GET(self):  # noqa: N802 (http.server's name)
+    def do_GET(self):
         self.send_response(200)
         self.send_header("Content-Length", str(len(BODY)))
         self.end_headers()
