@@ -5,6 +5,7 @@ import io
 import json
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 
 import httpx
@@ -14,7 +15,7 @@ from PIL import Image
 from sqlalchemy import select, update
 
 from core.db import session_scope
-from core.status import JobStatus
+from core.status import ErrorCode, JobStatus
 from core.storage import Storage, input_key
 from core.tables import Batch, File, Job, utcnow
 from models.profiles import Registry
@@ -147,6 +148,44 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_one(settings, worker):
     finish(settings, [Outcome(stale, status=JobStatus.FAILED, error="late and wrong")])
     job = jobs_of(settings, batch_id)["up"]
     assert (job.status, job.error) == ("succeeded", None)
+
+
+@pytest.mark.parametrize("one_statement", [True, False])
+def test_finishing_records_every_kind_of_outcome_the_same_either_way(settings, one_statement):
+    """PostgreSQL finishes a micro-batch with one UPDATE of arrays, SQLite with an UPDATE per job
+    (`workers.batch.record`): on the same database both must record the same rows and counters."""
+    client = api_client(settings)
+    image = upload(client, png())
+    batch_id = submit(client, [{"custom_id": c, "kind": "upscale", "image": image, "model": "lanczos-x4"}
+                               for c in ("ok", "bad", "canceled", "stale")])
+    jobs = jobs_of(settings, batch_id)
+    with session_scope(settings.database_url) as session:
+        claimed = {c.custom_id: c for c in claim(session, [j.id for j in jobs.values()], "w@host", settings)}
+    with session_scope(settings.database_url) as session:  # canceled meanwhile: stays canceled
+        session.execute(update(Job).where(Job.id == claimed["canceled"].id).values(status=JobStatus.CANCELED))
+    ok = Outcome(claimed["ok"], output_keys=["outputs/a.png", "outputs/b.png"], timings={"run": 0.25},
+                 result={"seeds": [7], "cached": False}, fingerprint="f" * 64)
+    ok.usage.megapixels, ok.usage.steps, ok.usage.compute_seconds, ok.usage.device = 0.5, 0, 0.25, "cpu"
+    bad = Outcome(claimed["bad"], timings={"run": 0.1})
+    bad.fail(ErrorCode.INVALID_INPUT, "image: cannot decode input")
+    stale = Outcome(replace(claimed["stale"], claims=claimed["stale"].claims - 1))  # an older attempt
+
+    finish(settings, [ok, bad, Outcome(claimed["canceled"]), stale], one_statement)
+
+    jobs = jobs_of(settings, batch_id)
+    assert (jobs["ok"].status, jobs["ok"].output_keys, jobs["ok"].result, jobs["ok"].timings) == (
+        "succeeded", ["outputs/a.png", "outputs/b.png"], {"seeds": [7], "cached": False}, {"run": 0.25})
+    assert (jobs["ok"].fingerprint, jobs["ok"].usage_megapixels, jobs["ok"].usage_device) == ("f" * 64, 0.5, "cpu")
+    assert (jobs["ok"].progress, jobs["ok"].lease_until, jobs["ok"].error) == (1.0, None, None)
+    assert (jobs["bad"].status, jobs["bad"].error_code, jobs["bad"].retryable, jobs["bad"].output_keys) == (
+        "failed", "invalid_input", False, None)
+    assert jobs["bad"].error == "image: cannot decode input" and jobs["bad"].progress == 0.0
+    assert jobs["canceled"].status == "canceled" and jobs["canceled"].finished_at is None
+    assert jobs["stale"].status == "running"  # fenced on the claim
+    with session_scope(settings.database_url) as session:
+        batch = session.get(Batch, batch_id)
+        assert batch is not None
+        assert (batch.succeeded_count, batch.failed_count, batch.canceled_count, batch.running_count) == (1, 1, 1, 1)
 
 
 def test_identical_jobs_reuse_the_stored_output(settings, worker):
