@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Text, cast, delete, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -57,7 +57,9 @@ def delete_old_outputs(settings: Settings, storage: Storage, now: datetime, limi
             .order_by(Batch.finished_at).limit(limit)).all()
         singles = session.execute(
             select(Job.id, Job.output_keys).where(
-                Job.batch_id.is_(None), Job.output_keys.is_not(None),
+                # A job without outputs holds JSON null (SQLAlchemy's JSON stores None so), not SQL
+                # NULL: without the second test every such job would be swept again, forever.
+                Job.batch_id.is_(None), Job.output_keys.is_not(None), cast(Job.output_keys, Text) != "null",
                 Job.finished_at < now - timedelta(seconds=settings.output_ttl)).limit(limit)).all()
     cleared = 0
     for batch_id, tenant, finished_at, ttl in candidates:

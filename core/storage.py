@@ -93,7 +93,7 @@ class ObjectClient:
                                          headers=self.headers(method, path, data, content_type))
         except urllib3.exceptions.HTTPError as exc:
             raise ObjectError(f"{method} {key!r} to {self.host}: {exc}") from exc
-        if response.status == 404 and method == "GET":
+        if response.status == 404 and method == "GET" and b"NoSuchBucket" not in response.data:
             raise NotFound(f"object {key!r} is not in bucket {bucket!r}")
         if response.status >= 300:
             raise ObjectError(f"{method} {key!r} to {self.host}: HTTP {response.status}: {response.data[:300]!r}")
@@ -164,7 +164,7 @@ class Storage:
         s = self.settings
         # Connections for the uploads, the micro-batch's input reads and the lookahead's.
         return ObjectClient(self.client.meta.endpoint_url, s.s3_region, s.s3_access_key, s.s3_secret_key,
-                            connections=2 * s.upload_concurrency + 2, attempts=s.s3_max_attempts)
+                            connections=3 * s.upload_concurrency + 2, attempts=s.s3_max_attempts)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self.objects.put(self.bucket, key, data, content_type)

@@ -224,6 +224,9 @@ class Staged:
         try:
             for store in self._stores:
                 batch._store(store)
+            # Stopped before finishing: never two writers on these rows at once (PostgreSQL's one
+            # finishing statement locks them in its plan's order, a beat in sorted order).
+            self._heartbeat.stop()
             uploaded = finish(batch.settings, self.outcomes)
             batch._drop_canceled(uploaded)
         except Exception as exc:
@@ -503,7 +506,6 @@ _FINISHED = {"status": "varchar", "error": "text", "error_code": "varchar", "ret
              "output_keys": "json", "result": "json", "timings": "json", "fingerprint": "varchar",
              "finished_at": "timestamp", "progress": "float8", "usage_megapixels": "float8", "usage_steps": "int",
              "usage_compute_seconds": "float8", "usage_device": "varchar"}
-_JSON = [name for name, kind in _FINISHED.items() if kind == "json"]
 
 
 def finish(settings: Settings, outcomes: Sequence[Outcome], one_statement: bool | None = None) -> list[Outcome]:
@@ -532,8 +534,11 @@ def record(connection: Connection, rows: list[dict[str, Any]], one_statement: bo
         return
     if one_statement if one_statement is not None else connection.dialect.name == "postgresql":
         columns = {name: [row[name] for row in rows] for name in ("id", "claims", *_FINISHED)}
-        for name in _JSON:  # sent as text, cast in the statement
-            columns[name] = [None if value is None else json.dumps(value) for value in columns[name]]
+        for name, kind in _FINISHED.items():
+            if kind == "json":  # sent as text, cast in the statement; None as JSON null, as SQLAlchemy's JSON does
+                columns[name] = [json.dumps(value) for value in columns[name]]
+            elif kind == "float8":  # psycopg refuses a list mixing ints and floats
+                columns[name] = [None if value is None else float(value) for value in columns[name]]
         connection.execute(_FINISH_ALL, columns)
     else:
         connection.execute(_FINISH_EACH, [{f"b_{name}": value for name, value in row.items()} for row in rows])

@@ -77,7 +77,8 @@ def job_ids_of(message: bytes) -> list[str]:
 class Lookahead:
     def __init__(self, settings: Settings, storage: Storage, queues: Sequence[str]) -> None:
         self.settings, self.storage, self.queues = settings, storage, list(queues)
-        self._redis = redis.Redis.from_url(settings.redis_url)
+        # Bounded: a peek that hangs on a half-open connection would stall every later one.
+        self._redis = redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5)
         # The peek, then the reads: one thread peeks, the rest read in parallel (as the micro-batch's
         # own reads do), on threads of their own, so they never queue behind its reads or uploads.
         self._pool = ThreadPoolExecutor(max_workers=settings.upload_concurrency + 1, thread_name_prefix="lookahead")
@@ -94,7 +95,7 @@ class Lookahead:
         if it was not read ahead or its read failed (the caller reads it again and reports the error)."""
         with self._lock:
             read = self._reads.pop(key, None)
-        if read is None:
+        if read is None or read.cancel():  # not started yet: the caller's own reads are as quick
             return None
         try:
             return read.result()
@@ -102,8 +103,10 @@ class Lookahead:
             return None
 
     def holds(self, key: str) -> bool:
+        """Whether this input has been read ahead (or its read failed) and waits to be adopted."""
         with self._lock:
-            return key in self._reads
+            read = self._reads.get(key)
+        return read is not None and read.done()
 
     def peek(self) -> tuple[str, list[str]] | None:
         """The queue and job ids of the message this worker would take next; None if every queue is empty."""
@@ -131,9 +134,12 @@ class Lookahead:
             return
         with self._lock:
             reads = {key: read for key, read in self._reads.items() if key in wanted}
+            for key, read in self._reads.items():
+                if key not in wanted:  # one micro-batch ahead: a read under way finishes and is forgotten
+                    read.cancel()
             for key in wanted - reads.keys():
                 reads[key] = self._pool.submit(read_input, self.storage, key)
-            self._reads = reads  # dropped reads finish and are forgotten: one micro-batch ahead
+            self._reads = reads
 
     def _inputs_of(self, job_ids: list[str]) -> set[str]:
         with session_scope(self.settings.database_url) as session:

@@ -10,12 +10,12 @@ from datetime import timedelta
 import httpx
 import pytest
 from PIL import Image
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from core.db import session_scope
 from core.retention import sweep
-from core.storage import Storage
-from core.tables import Batch, utcnow
+from core.storage import Storage, input_key
+from core.tables import Batch, Job, utcnow
 from tests.integration.helpers import api_client, png, upload
 from tests.integration.test_worker import jobs_of, submit, worker  # noqa: F401 (fixture)
 from workers.reconcile import reconcile
@@ -97,6 +97,28 @@ def test_outputs_past_their_ttl_are_deleted_and_a_deleted_batch_is_gone(settings
     assert client.get(f"/v1/batches/{kept}").status_code == 404
     assert not any(storage.exists(key) for key in kept_keys) and jobs_of(settings, kept) == {}
     assert api_client(settings, "other").delete(f"/v1/batches/{short}").status_code == 404
+
+
+def test_single_jobs_outputs_past_their_ttl_are_deleted_once(settings, worker):  # noqa: F811
+    client, storage = api_client(settings), Storage(settings)
+    images = [upload(client, png((32, 24), seed=i)) for i in range(2)]  # their own: one is deleted below
+    items = [{"kind": "upscale", "model": "lanczos-x4", "image": image} for image in images]
+    ids = [client.post("/v1/jobs", json=item).json()["id"] for item in items]
+    with session_scope(settings.database_url) as session:
+        [gone] = session.scalars(select(Job).where(Job.id == ids[1]))
+        storage.delete(input_key(gone.tenant_id, gone.spec["image"]))  # this one fails: no outputs
+    worker.run(ids)
+    with session_scope(settings.database_url) as session:
+        done = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+        session.execute(update(Job).where(Job.id.in_(ids)).values(finished_at=utcnow() - timedelta(days=8)))
+    assert (done[ids[0]].status, done[ids[1]].status) == ("succeeded", "failed")
+    [key] = done[ids[0]].output_keys
+
+    assert sweep(settings)["outputs_deleted"] == 1
+    assert not storage.exists(key)
+    # Cleared (and never holding outputs) is not swept again: each sweep takes a limited number,
+    # and jobs swept again forever would keep the rest from ever being reached.
+    assert sweep(settings)["outputs_deleted"] == 0
 
 
 def test_usage_is_recorded_per_job_and_totalled_per_batch(settings, worker):  # noqa: F811

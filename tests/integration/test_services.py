@@ -125,6 +125,9 @@ def test_storage_get_reads_what_boto3_wrote(settings: Settings, key: str) -> Non
     assert storage.get(key) == b"\x89PNG input"
     with pytest.raises(NotFound, match=r"'inputs/acme/nothing' is not in bucket"):
         storage.get("inputs/acme/nothing")
+    # A missing bucket is the deployment's trouble, not the item's: retried, never a failed job.
+    with pytest.raises(ObjectError, match=r"HTTP 404.*NoSuchBucket"):
+        Storage(settings.model_copy(update={"s3_bucket": "no-such-bucket"})).get(key)
 
 
 def test_storage_refusals_name_the_key_and_the_status(settings: Settings) -> None:
