@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.stack import BenchStack
-from bench.worker import _items, _png
+from bench.worker import noise_png, tagged_items
 from core.db import session_scope
 from core.dispatch import worker_queues
 from workers import batch
@@ -41,12 +41,12 @@ def main() -> None:
         settings = stack.settings
         broker = redis.Redis.from_url(settings.redis_url)
         with stack.client() as client:
-            image = client.post("/v1/files", files={"file": ("x.png", _png(8))}).json()["id"]
+            image = client.post("/v1/files", files={"file": ("x.png", noise_png(8))}).json()["id"]
             spec = {"kind": "upscale", "image": image, "model": "lanczos-x4", "cache": False}
             for repeat in range(REPEATS + 1):  # the first warms the connections and plans up
                 for size in SIZES:
                     for one_statement in (True, False):
-                        client.post("/v1/batches", json={"items": _items(size, f"r{repeat}", **spec)})
+                        client.post("/v1/batches", json={"items": tagged_items(size, f"r{repeat}", **spec)})
                         ids = take_messages(broker, worker_queues(settings.models))
                         with session_scope(settings.database_url) as session:
                             claimed = batch.claim(session, ids, "bench@host", settings)

@@ -24,7 +24,7 @@ from rich.table import Table
 
 from bench.latency import delayed
 from bench.stack import BenchStack
-from bench.worker import _run_batch
+from bench.worker import run_batch
 
 console = Console()
 REPEATS = 3
@@ -33,7 +33,7 @@ RESULTS = Path(__file__).resolve().parent / "prefetch_results.json"
 SPEC = {"kind": "inpaint", "mode": "text", "prompt": "a lid", "model": "tiny-sd-inpaint", "steps": 10, "cache": False}
 
 
-def _png(seed: int, mode: str) -> bytes:
+def _input_png(seed: int, mode: str) -> bytes:
     buffer = io.BytesIO()
     Image.effect_noise((64, 64), 20 + seed).convert(mode).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -47,8 +47,8 @@ def measure(stack: BenchStack, s3_url: str, prefetch: bool, inputs: list[tuple[s
             def items(first: int, count: int) -> list[dict[str, Any]]:
                 return [{"custom_id": f"i{i}", **SPEC, "image": inputs[i % len(inputs)][0],
                          "mask": inputs[i % len(inputs)][1], "seed": i} for i in range(first, first + count)]
-            _run_batch(client, items(start, 16))
-            _, seconds = _run_batch(client, items(start + 16, IMAGES))
+            run_batch(client, items(start, 16))
+            _, seconds = run_batch(client, items(start + 16, IMAGES))
         return IMAGES / seconds
     finally:
         stack.stop_worker()
@@ -65,8 +65,8 @@ def main() -> dict[str, Any]:
             with stack.client() as client:
                 # Distinct inputs for every job of a run, none read by an earlier run.
                 count = (IMAGES + 16) * REPEATS * 4
-                inputs = [(client.post("/v1/files", files={"file": ("i.png", _png(i, "RGB"))}).json()["id"],
-                           client.post("/v1/files", files={"file": ("m.png", _png(i, "L"))}).json()["id"])
+                inputs = [(client.post("/v1/files", files={"file": ("i.png", _input_png(i, "RGB"))}).json()["id"],
+                           client.post("/v1/files", files={"file": ("m.png", _input_png(i, "L"))}).json()["id"])
                           for i in range(count)]
             rates: dict[str, list[float]] = {}
             start = 0

@@ -42,13 +42,13 @@ from workers.launcher import QUIET
 GENERATE = {"kind": "generate", "prompt": "a product photo", "width": 64, "height": 64, "steps": 10, "cache": False}
 
 
-def _png(size: int, seed: int = 0) -> bytes:
+def noise_png(size: int, seed: int = 0) -> bytes:
     buffer = io.BytesIO()
     Image.effect_noise((size, size), 64 + seed).convert("RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
-def _run_batch(client: httpx.Client, items: list[dict[str, Any]], timeout: float = 600) -> tuple[str, float]:
+def run_batch(client: httpx.Client, items: list[dict[str, Any]], timeout: float = 600) -> tuple[str, float]:
     """Submit and wait until the batch finished; (batch id, seconds from the request to the batch's
     `finished_at`). The end is the server's own stamp (one machine, one clock), so the poll can be
     slow: polling fast would load the API and the database the system under test shares the CPU with."""
@@ -64,7 +64,7 @@ def _run_batch(client: httpx.Client, items: list[dict[str, Any]], timeout: float
     return batch_id, _seconds(batch["finished_at"]) - started
 
 
-def _items(n: int, tag: str, **spec: Any) -> list[dict[str, Any]]:
+def tagged_items(n: int, tag: str, **spec: Any) -> list[dict[str, Any]]:
     return [{"custom_id": f"{tag}-{i}", **spec, "seed": i} for i in range(n)]
 
 
@@ -74,16 +74,16 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     from models.engine import ImageRequest
     from models.profiles import create_engine
 
-    _run_batch(client, _items(16, "warm", **GENERATE))  # the worker loads the model
+    run_batch(client, tagged_items(16, "warm", **GENERATE))  # the worker loads the model
     cpu_before = stack.cpu_seconds()
-    _, planned_s = _run_batch(client, _items(n, "planned", **GENERATE))
+    _, planned_s = run_batch(client, tagged_items(n, "planned", **GENERATE))
     cpu = {name: spent - cpu_before[name] for name, spent in stack.cpu_seconds().items()}
     with session_scope(stack.settings.database_url) as session:
         session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
                                 images_per_s=0.0, trials=[], worker="bench"))
     # Gains are ratios of rates, so the slow single-image runs take a quarter of the images.
     few = n // 4
-    _, single_s = _run_batch(client, _items(few, "single", **GENERATE))
+    _, single_s = run_batch(client, tagged_items(few, "single", **GENERATE))
     with session_scope(stack.settings.database_url) as session:
         session.execute(delete(Calibration))
     # The raw loop: the same engine, the same micro-batches, nothing else.
@@ -118,12 +118,12 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
 
 
 def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
-    image = client.post("/v1/files", files={"file": ("x.png", _png(8))}).json()["id"]
+    image = client.post("/v1/files", files={"file": ("x.png", noise_png(8))}).json()["id"]
     spec = {"kind": "upscale", "image": image, "model": "lanczos-x4", "cache": False}
-    _run_batch(client, _items(16, "warm-up", **spec))
-    _, system_s = _run_batch(client, _items(n, "noop", **spec))
+    run_batch(client, tagged_items(16, "warm-up", **spec))
+    _, system_s = run_batch(client, tagged_items(n, "noop", **spec))
     storage = Storage(stack.settings)
-    data = _png(32)
+    data = noise_png(32)
     started = time.perf_counter()
     for i in range(n):
         storage.put(output_key("bench", "bare", f"job{i}"), data, "image/png")
@@ -161,7 +161,7 @@ def bare_celery(stack: BenchStack, n: int) -> float:
 
 
 def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, probes: int) -> dict[str, float]:
-    response = client.post("/v1/batches", json={"items": _items(backlog, "backlog", **GENERATE)})
+    response = client.post("/v1/batches", json={"items": tagged_items(backlog, "backlog", **GENERATE)})
     assert response.status_code == 202, response.text[:2000]
     bulk_id = response.json()["id"]
     waits = []
@@ -189,7 +189,7 @@ def _seconds(stamp: str) -> float:
 
 
 def worker_rss(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
-    image = client.post("/v1/files", files={"file": ("y.png", _png(8, 1))}).json()["id"]
+    image = client.post("/v1/files", files={"file": ("y.png", noise_png(8, 1))}).json()["id"]
     items = [{"custom_id": f"mix-{i}", **GENERATE, "seed": i} if i % 10 == 0 else
              {"custom_id": f"mix-{i}", "kind": "upscale", "image": image, "model": "lanczos-x4", "seed": i}
              for i in range(n)]

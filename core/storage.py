@@ -59,7 +59,7 @@ class ObjectError(Exception):
 
 class ObjectClient:
     """PutObject and GetObject signed with AWS Signature Version 4 and sent on a urllib3 pool: what
-    boto3 sends, for a third of its CPU (measured 0.38 vs 1.1 ms per PUT). A worker's upload and
+    boto3 sends, for a quarter of its CPU (`python -m bench.objects`). A worker's upload and
     input-reading threads share the interpreter with the forward pass, so every millisecond holding
     the GIL here is one the engine waits. Path-style addressing, as the boto3 client is configured;
     retries on connection errors and 5xx like botocore's standard mode (both requests are idempotent)."""

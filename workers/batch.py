@@ -25,7 +25,7 @@ from functools import cache
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import Table, and_, bindparam, func, or_, select, text, update
+from sqlalchemy import Table, Update, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -554,23 +554,22 @@ _FINISH_ALL = text(
     + " FROM unnest(CAST(:id AS varchar[]), CAST(:claims AS int[]), "
     + ", ".join(f"CAST(:{name} AS {'text' if kind == 'json' else kind}[])" for name, kind in _FINISHED.items())
     + ") AS f(id, claims, " + ", ".join(_FINISHED) + ") "
-    "WHERE jobs.id = f.id AND jobs.claims = f.claims AND jobs.status = 'running'"  # a canceled job stays canceled
+    # A canceled job stays canceled.
+    f"WHERE jobs.id = f.id AND jobs.claims = f.claims AND jobs.status = '{JobStatus.RUNNING.value}'"
 )
 
 
-def _jobs() -> Table:
+def _finish_each() -> Update:
+    """SQLite (row-level triggers either way, and no arrays): one statement per job, executemany."""
     table = Job.__table__
     assert isinstance(table, Table)
-    return table
+    return (update(table)
+            .where(table.c.id == bindparam("b_id"), table.c.claims == bindparam("b_claims"),
+                   table.c.status == JobStatus.RUNNING)  # a canceled job stays canceled
+            .values(lease_until=None, outage_since=None, **{name: bindparam(f"b_{name}") for name in _FINISHED}))
 
 
-# SQLite (row-level triggers either way, and no arrays): one executemany.
-_FINISH_EACH = (
-    update(_jobs())
-    .where(_jobs().c.id == bindparam("b_id"), _jobs().c.claims == bindparam("b_claims"),
-           _jobs().c.status == JobStatus.RUNNING)  # a canceled job stays canceled
-    .values(lease_until=None, outage_since=None, **{name: bindparam(f"b_{name}") for name in _FINISHED})
-)
+_FINISH_EACH = _finish_each()
 
 
 def release(settings: Settings, claimed: Sequence[Claimed], error: str) -> None:
