@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = Histogram("step1x_microbatch_size", "Jobs claimed per micro-batch", ["model"],
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128))
-STAGE_SECONDS = Histogram("step1x_stage_seconds", "Seconds per job in each stage (queued, load, run, encode, upload)",
+STAGE_SECONDS = Histogram("step1x_stage_seconds",
+                          "Seconds per job in each stage (queued, claim, load, run, encode, upload)",
                           ["stage", "model"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
 IMAGES = Counter("step1x_images_produced", "Output images stored", ["model"])
 JOBS = Counter("step1x_worker_jobs", "Jobs this worker finished, by outcome", ["status", "model"])

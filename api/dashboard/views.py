@@ -29,6 +29,7 @@ PAGE = 50
 # The stages a job's timings record (workers.batch), in order: (key, name on the page, what it covers).
 STAGES = (
     ("queued", "queue wait", "from submission to the claim of its last attempt"),
+    ("claim", "claim", "its share of the micro-batch's claim (one transaction)"),
     ("load", "load", "its share of making the model warm and fetching and decoding the inputs"),
     ("run", "run", "its share of the micro-batch's forward pass"),
     ("encode", "encode", "encoding its output images (PNG, JPEG or WebP)"),

@@ -343,7 +343,7 @@ def test_job_page_shows_every_stage_timing(settings):
             row = session.get(Job, job_id)
             assert row is not None and row.timings is not None
             timings = row.timings
-        assert set(timings) == {"queued", "load", "run", "encode", "upload"}
+        assert set(timings) == {"queued", "claim", "load", "run", "encode", "upload"}
         assert all(seconds >= 0 for seconds in timings.values()) and timings["encode"] > 0 and timings["upload"] > 0
         page = client.get(f"/dashboard/jobs/{job_id}").text
         for stage in timings:
