@@ -46,6 +46,11 @@ class ModelProfile(BaseModel):
     max_size: int = 4096
     attention_slicing: bool = False
     vae_tiling: bool = False
+    # Diffusion engines: run the UNet, ControlNet and VAE decoder as TorchScript traces
+    # (models.tracing), for small models on a CPU: the tiny SD 1.28x faster, SD 1.5's UNet
+    # no faster
+    # (python -m bench.tracing). Unmeasured on a GPU.
+    trace: bool = False
     # Marks the offline defaults, whose random weights draw noise: logged loudly when loaded.
     tiny: bool = False
 

@@ -18,12 +18,13 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import cv2
 import numpy as np
 import torch
 from diffusers import (
+    AutoencoderKL,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
     ControlNetModel,
@@ -43,6 +44,7 @@ from models.caches import Embeddings, PromptEmbeddingCache
 from models.device import resolve_device, resolve_dtype
 from models.engine import Engine, ImageRequest, ImageResult, Kind, Mode, check_mask, hash_path
 from models.resolution import Crop, crop_around_mask, paste_back
+from models.tracing import trace_calls
 
 log = logging.getLogger(__name__)
 # Loading progress bars flood worker logs once per pipeline and tell an operator nothing.
@@ -140,6 +142,17 @@ class _PipelineEngine(Engine):
         if self.profile.vae_tiling:
             self.pipe.vae.enable_tiling()
         self.pipe.set_progress_bar_config(disable=True)
+        if self.profile.trace:
+            self._trace()
+
+    def _trace(self) -> None:
+        trace_calls(self.pipe.unet)
+        if isinstance(getattr(self.pipe, "controlnet", None), ControlNetModel):
+            trace_calls(self.pipe.controlnet)
+        # Exactly AutoencoderKL, whose decode takes a generator and never uses it (other decoders
+        # sample with it, so they stay eager).
+        if type(self.pipe.vae) is AutoencoderKL:
+            trace_calls(cast(torch.nn.Module, self.pipe.vae), "decode", ignore=("generator",))
 
     def close(self) -> None:
         """Drop the pipeline and give its GPU memory back (called when a cache evicts this engine)."""
