@@ -1,8 +1,10 @@
 """`make bench` (`python -m bench [--quick]`): the whole system's throughput figures, measured side by
 side in one run. Families run interleaved (submission, worker, submission, worker, ...), each
 repeated REPEATS times; the table shows min / median / max and the target, and everything is
-written to bench/results.json. Full runs add the engine-level comparisons of `bench.models`, webhook
-delivery (`bench.webhooks`) and the input lookahead (`bench.prefetch`).
+written to bench/results.json (with `--trace`, tiny-sd runs traced and bench/results-traced.json is
+written instead). Full runs add the engine-level comparisons of `bench.models`, webhook
+delivery (`bench.webhooks`), the input lookahead (`bench.prefetch`) and traced engines
+(`bench.tracing`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from bench.stack import BenchStack
 console = Console()
 REPEATS = 3
 RESULTS = Path(__file__).resolve().parent / "results.json"
+TRACED = RESULTS.with_name("results-traced.json")
 
 # figure -> (target, "higher" or "lower" is better); None: reported, no target
 TARGETS: dict[str, tuple[float | None, str]] = {
@@ -79,6 +82,9 @@ def print_table(figures: dict[str, dict[str, Any]], title: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smaller worker runs (under 3 minutes)")
+    parser.add_argument("--trace", action="store_true",
+                        help="tiny-sd traced (profile field trace, models.tracing), in the workers and the raw "
+                             f"loop; written to {TRACED.name}")
     args = parser.parse_args()
     # One thread per process: on a machine the API, PostgreSQL, Redis, S3 and the worker share,
     # two OpenMP threads per process spin against each other (measured: 40x slower forward passes).
@@ -93,7 +99,13 @@ def main() -> None:
         models_dir = workdir / "models"
         build_tiny(models_dir / "tiny")
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in FAMILIES}
-        with BenchStack(workdir, models_dir) as stack:
+        profiles: dict[str, dict[str, Any]] = {}
+        if args.trace:
+            from core.settings import Settings
+
+            tiny_sd = Settings(models_dir=models_dir).models["tiny-sd"]
+            profiles["tiny-sd"] = tiny_sd.model_copy(update={"trace": True}).model_dump()
+        with BenchStack(workdir, models_dir, profiles) as stack:
             for repeat in range(REPEATS):
                 for name, family in FAMILIES.items():
                     console.print(f"[bold]{name}[/bold] run {repeat + 1}/{REPEATS}")
@@ -107,16 +119,18 @@ def main() -> None:
             engine = models.run(models_dir)
             dashboard = bench_dashboard(workdir)
     print_table(figures, f"Step1X Batch, whole system ({'quick' if args.quick else 'full'} run, "
-                         f"{REPEATS} interleaved repeats)")
-    RESULTS.write_text(json.dumps({"machine": machine(), "quick": args.quick, "repeats": REPEATS,
+                         f"{REPEATS} interleaved repeats{', tiny-sd traced' if args.trace else ''})")
+    results = TRACED if args.trace else RESULTS
+    results.write_text(json.dumps({"machine": machine(), "quick": args.quick, "trace": args.trace, "repeats": REPEATS,
                                    "figures": figures, "engine": engine, "dashboard": dashboard},
                                   indent=2) + "\n")
-    console.print(f"written to {RESULTS}")
+    console.print(f"written to {results}")
     if not args.quick:
-        from bench import prefetch, webhooks
+        from bench import prefetch, tracing, webhooks
 
         webhooks.main()
         prefetch.main()
+        tracing.main()
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ separate processes, as in production, on free loopback ports in a scratch folder
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -30,8 +31,10 @@ ACCESS_KEY, SECRET_KEY = "step1x-bench", "step1x-bench-secret"
 
 
 class BenchStack:
-    def __init__(self, workdir: Path, models_dir: Path) -> None:
+    def __init__(self, workdir: Path, models_dir: Path, profiles: dict[str, dict[str, Any]] | None = None) -> None:
+        """`profiles`: model profiles (STEP1X_MODELS) for the API, the workers and `settings`."""
         self.workdir, self.models_dir = workdir, models_dir
+        self.profiles = profiles or {}
         self._exit = ExitStack()
         self.workers: list[subprocess.Popen[Any]] = []
         self.api: subprocess.Popen[Any] | None = None
@@ -72,7 +75,10 @@ class BenchStack:
             "STEP1X_S3_BUCKET": name.replace("_", "-"), "STEP1X_DATA_DIR": str(self.workdir / "data"),
             "STEP1X_MODELS_DIR": str(self.models_dir), "STEP1X_COALESCE_MS": "0",
         }
-        self.settings = Settings.model_validate({k.removeprefix("STEP1X_").lower(): v for k, v in self.env.items()})
+        self.settings = Settings.model_validate({**{k.removeprefix("STEP1X_").lower(): v for k, v in self.env.items()},
+                                                 "models": self.profiles})
+        if self.profiles:
+            self.env["STEP1X_MODELS"] = json.dumps(self.profiles)
         upgrade(self.settings.database_url)
         Storage(self.settings).ensure_bucket()
         with session_scope(self.settings.database_url) as session:

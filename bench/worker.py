@@ -8,6 +8,9 @@
 - worker_task_thread_cpu_vs_raw, worker_other_threads_cpu_vs_raw, other_processes_cpu_vs_raw: CPU
   seconds spent during the planned run by the worker pool process's task thread, by its other threads
   (storing, uploads, heartbeats) and by every other process, each ÷ the raw loop's seconds.
+- system_engine_s_vs_raw, engine_share_of_wall, claim_share_of_wall: from the jobs' recorded stage
+  timings, the seconds the worker's forward passes took ÷ the raw loop's, and the planned run's
+  wall time spent in forward passes and in claims.
 - upload_bound_ratio: near no-op jobs (lanczos on an 8x8 image) per second ÷ a bare loop of S3 PUTs
   of the same objects through the same client.
 - orchestration_vs_bare_celery: the same near no-op jobs/s ÷ a bare Celery no-op task loop (one
@@ -76,8 +79,12 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
 
     run_batch(client, tagged_items(16, "warm", **GENERATE))  # the worker loads the model
     cpu_before = stack.cpu_seconds()
-    _, planned_s = run_batch(client, tagged_items(n, "planned", **GENERATE))
+    planned_id, planned_s = run_batch(client, tagged_items(n, "planned", **GENERATE))
     cpu = {name: spent - cpu_before[name] for name, spent in stack.cpu_seconds().items()}
+    with session_scope(stack.settings.database_url) as session:
+        timings = list(session.scalars(select(Job.timings).where(Job.batch_id == planned_id)))
+    # The jobs' own stage shares add up to the seconds their micro-batches spent in each stage.
+    engine_s, claim_s = (sum(t[stage] for t in timings) for stage in ("run", "claim"))
     with session_scope(stack.settings.database_url) as session:
         session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
                                 images_per_s=0.0, trials=[], worker="bench"))
@@ -95,7 +102,11 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     batches = cut([Planned(str(i), key, cost, "bulk") for i in range(n)], stack.settings)
     requests = [ImageRequest(kind="generate", prompt=str(GENERATE["prompt"]), width=64, height=64, steps=10, seed=i)
                 for i in range(n)]
-    engine.run(requests[:1])
+    # Warm like the worker, which has run the warm-up batch: every micro-batch size, twice (a trace
+    # is made at its first size, checked once at each other, and optimised on its second run).
+    for size in sorted({len(batch) for batch in batches} | {1}):
+        for _ in range(2):
+            engine.run(requests[:size])
     started = time.perf_counter()
     done = 0
     for batch in batches:
@@ -114,7 +125,13 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
             # one interpreter lock of the worker process is the limit, not the machine.
             "worker_task_thread_cpu_vs_raw": cpu["task_thread"] / raw_s,
             "worker_other_threads_cpu_vs_raw": cpu["other_threads"] / raw_s,
-            "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s}
+            "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s,
+            # Where the planned run's wall time went: the engine's forward passes (and how much
+            # slower than the raw loop's), the claims, and the rest (Celery's hand-over between
+            # messages, submission, the last micro-batch's store).
+            "system_engine_s_vs_raw": engine_s / raw_s,
+            "engine_share_of_wall": engine_s / planned_s,
+            "claim_share_of_wall": claim_s / planned_s}
 
 
 def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
