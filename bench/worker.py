@@ -84,7 +84,7 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     with session_scope(stack.settings.database_url) as session:
         timings = list(session.scalars(select(Job.timings).where(Job.batch_id == planned_id)))
     # The jobs' own stage shares add up to the seconds their micro-batches spent in each stage.
-    engine_s, claim_s = (sum(t[stage] for t in timings) for stage in ("run", "claim"))
+    engine_s, claim_s = (sum((t or {}).get(stage, 0.0) for t in timings) for stage in ("run", "claim"))
     with session_scope(stack.settings.database_url) as session:
         session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
                                 images_per_s=0.0, trials=[], worker="bench"))

@@ -76,8 +76,8 @@ def calibrate(engine: Engine, profile: ModelProfile, steps: int = 4, budget_s: f
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         try:
-            # Untimed first: a new batch size gets its own traces (models.tracing) on the CPU and
-            # its own kernel choices and allocations on a GPU, once, which the timed run must not pay.
+            # Untimed first: a traced engine (models.tracing) checks a new batch size against the
+            # module once, and a GPU makes its first allocations at it; the timed run must not pay.
             engine.run(synthetic(profile, size, WARM_STEPS))
             t = time.perf_counter()
             engine.run(requests)

@@ -3,16 +3,17 @@
 For small diffusion models on a CPU (a profile's `trace` field): their forward pass is Python
 dispatching thousands of small operations, each taking the interpreter lock back, so it pays for
 the dispatch and waits whenever another thread of the worker holds the lock. Traced, the tiny SD
-draws 1.28x the images/s, and keeps 0.92 of them (eager: 0.84) beside a thread holding the lock 15%
-of the time; SD 1.5's UNet, whose operations are large, gains nothing (`python -m bench.tracing`).
-The pixels are the same (`tests/models/test_tracing.py`).
+draws 1.28-1.32x the images/s, and keeps 0.92-0.99 of them (eager: 0.84-0.86) beside a thread
+holding the lock 15% of the time; SD 1.5's UNet, whose operations are large, gains 1.00-1.04x
+(`python -m bench.tracing`, three runs). The pixels are the same (`tests/models/test_tracing.py`).
 
 A trace records one path through the module's Python, so each signature gets its own: the shapes
 (but the batch size), dtypes and devices of the tensor arguments and the values of the others (a
 flag, a scale). Calls with other arguments (an object), and calls not asking for
 `return_dict=False` (a trace returns tensors and tuples, not diffusers' output classes), run the
-module as it is. Traces are kept in a small LRU per module; each holds a copy of the module's graph
-(about 20 MB for the tiny UNet; the weights are shared).
+module as it is. A module makes at most SIGNATURES traces over its life, then runs new signatures
+eagerly: each trace holds a copy of the module's graph that TorchScript never gives back, even once
+the trace is dropped (the weights are shared).
 
 TorchScript is deprecated in PyTorch 2.x in favour of torch.compile and torch.export. Should
 `torch.jit.trace` fail or go away, the module runs eagerly and the worker says so once.
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +31,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SIGNATURES = 8  # traces kept per module: resolutions and argument sets a worker sees
+# Traces made per module over its life. TorchScript keeps a trace's graph after the trace is dropped
+# (about 18 MB each for the tiny UNet), so evicting old traces would not bound memory: past this,
+# new signatures run eagerly.
+SIGNATURES = 8
 
 
 class _Untraceable(Exception):
@@ -116,7 +119,8 @@ class Traced:
         self.eager: Callable[..., Any] = getattr(module, name)
         self.ignore = ignore
         self.capacity = capacity
-        self.traces: OrderedDict[Hashable, _Entry] = OrderedDict()
+        self.traces: dict[Hashable, _Entry] = {}
+        self.made = 0
         self.per_batch: set[Hashable] = set()  # signatures whose traces did not generalise
         self.broken = False
 
@@ -135,17 +139,19 @@ class Traced:
         key = (family, shapes) if family in self.per_batch else family
         entry = self.traces.get(key)
         if entry is None:
-            trace = self._trace(signature, tensors)
+            trace = self._trace(signature, tensors) if self.made < self.capacity else None
             if trace is None:
                 return self.eager(*args, **kwargs)
-            self._keep(key, _Entry(trace, {shapes}))
+            self.made += 1
+            self.traces[key] = _Entry(trace, {shapes})
             return trace(*tensors)
-        self.traces.move_to_end(key)
         if shapes in entry.shapes:
             return entry.trace(*tensors)
         want = self.eager(*args, **kwargs)
         try:
             agrees = _same(entry.trace(*tensors), want)
+        except torch.cuda.OutOfMemoryError:  # the caller's to handle (calibration stops there)
+            raise
         except RuntimeError:  # a size baked into a view or a reshape
             agrees = False
         if agrees:
@@ -153,14 +159,11 @@ class Traced:
         else:
             log.info("%s.%s: a trace did not carry over to batch shapes %s; tracing per batch size",
                      type(self.module).__name__, self.name, [tuple(s) for s in shapes])
-            del self.traces[key]
+            # It keeps serving the shapes it was made or checked at, each as a signature of its own.
             self.per_batch.add(family)
+            del self.traces[key]
+            self.traces.update({(family, checked): _Entry(entry.trace, {checked}) for checked in entry.shapes})
         return want
-
-    def _keep(self, key: Hashable, entry: _Entry) -> None:
-        self.traces[key] = entry
-        if len(self.traces) > self.capacity:
-            self.traces.popitem(last=False)
 
     def _trace(self, signature: Hashable, tensors: list[torch.Tensor]) -> Callable[..., Any] | None:
         call = _Call(self.module, self.eager, signature)

@@ -303,13 +303,12 @@ class MicroBatch:
         that holds the leases until it is stored, here or in the worker's pipeline while the engine
         runs the next micro-batch. None when nothing was claimed. Raises Interrupted on
         infrastructure trouble, after handing the claimed jobs back uncharged where the database allows."""
-        started = time.perf_counter()
+        now, started = utcnow(), time.perf_counter()  # the queue wait ends where the claim starts
         with session_scope(self.settings.database_url) as session:
             claimed = claim(session, job_ids, self.worker, self.settings, interrupted)
         if not claimed:
             return None
         share = round((time.perf_counter() - started) / len(claimed), 4)
-        now = utcnow()
         outcomes = [Outcome(job, timings={"queued": round((now - job.created_at).total_seconds(), 4), "claim": share})
                     for job in claimed]
         heartbeat = Heartbeat(self.settings, claimed).start()

@@ -85,22 +85,22 @@ def test_a_trace_that_baked_the_batch_size_in_is_caught_and_traced_per_size(
         for rows in (2, 3, 3, 2, 3):
             (got,) = call(module, torch.ones(rows, 4), return_dict=False)
             assert torch.equal(got, torch.full((rows, 4), float(rows)))
-    assert len(traced.per_batch) == 1 and len(traced.traces) == 2
+    # The first trace still serves its own batch size; 3 got one of its own.
+    assert len(traced.per_batch) == 1 and len(traced.traces) == 2 and traced.made == 2
     assert [r.getMessage().split(";")[0] for r in caplog.records] == [
         "BakesTheBatch.forward: a trace did not carry over to batch shapes [(3, 4)]"]
 
 
-def test_the_least_recently_used_trace_goes_past_capacity() -> None:
+def test_past_its_capacity_a_module_runs_new_signatures_eagerly() -> None:
+    # Dropping a trace would not give its memory back (TorchScript keeps the graph), so none is dropped.
     module = Counting()
     traced = Traced(module, capacity=2)
     module.forward = traced  # type: ignore[method-assign]
-    for scale in (1.0, 2.0, 1.0, 3.0):  # 1.0 is used again before 3.0 arrives, so 2.0 is dropped
-        call(module, torch.ones(1, 3), scale=scale, return_dict=False)
-    assert module.runs == 3 and len(traced.traces) == 2
-    call(module, torch.ones(1, 3), scale=1.0, return_dict=False)
-    assert module.runs == 3
-    call(module, torch.ones(1, 3), scale=2.0, return_dict=False)
-    assert module.runs == 4  # traced again
+    for scale in (1.0, 2.0, 3.0, 3.0, 1.0, 2.0):
+        (y, _) = call(module, torch.ones(1, 3), scale=scale, return_dict=False)
+        assert torch.equal(y, torch.full((1, 3), 2.0 * scale))
+    assert traced.made == 2 and len(traced.traces) == 2
+    assert module.runs == 4  # two traces, then 3.0 eagerly twice; 1.0 and 2.0 again ran traced
 
 
 def test_calls_a_trace_cannot_take_run_eagerly() -> None:
@@ -136,12 +136,14 @@ ENGINES = {"tiny-sd": DiffusionEngine, "tiny-sd-inpaint": DiffusionEngine,
 
 
 def requests_for(name: str) -> list[list[Any]]:
-    """Two micro-batches of different sizes."""
+    """Micro-batches of 3, 1 and 1: made at the first size, checked at the second, then run traced
+    at the checked size."""
     if name == "tiny-sd":
-        return [[gen(seed=s) for s in (1, 2, 3)], [gen(seed=4)]]
+        return [[gen(seed=s) for s in (1, 2, 3)], [gen(seed=4)], [gen(seed=5)]]
     mode = "structure" if name == "tiny-sd-controlnet" else "text"
-    return [[inpaint(mode, seed=s, prompt="a lamp") for s in (1, 2, 3)], [inpaint("fill", seed=4)]
-            if mode == "text" else [inpaint(mode, seed=4, prompt="a cup")]]
+    single = ([inpaint("fill", seed=s)] if mode == "text" else [inpaint(mode, seed=s, prompt="a cup")]
+              for s in (4, 5))
+    return [[inpaint(mode, seed=s, prompt="a lamp") for s in (1, 2, 3)], *single]
 
 
 @pytest.mark.parametrize("name", ENGINES)
