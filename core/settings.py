@@ -47,7 +47,7 @@ class ModelProfile(BaseModel):
     attention_slicing: bool = False
     vae_tiling: bool = False
     # Diffusion engines: run the UNet, ControlNet and VAE decoder as TorchScript traces
-    # (models.tracing), for small models on a CPU: the tiny SD 1.3x faster, SD 1.5's UNet 1.00-1.04x
+    # (models.tracing), for small models on a CPU: the tiny SD 1.3x faster, SD 1.5's UNet 1.00-1.05x
     # (python -m bench.tracing). Unmeasured on a GPU.
     trace: bool = False
     # Marks the offline defaults, whose random weights draw noise: logged loudly when loaded.

@@ -3,9 +3,9 @@
 For small diffusion models on a CPU (a profile's `trace` field): their forward pass is Python
 dispatching thousands of small operations, each taking the interpreter lock back, so it pays for
 the dispatch and waits whenever another thread of the worker holds the lock. Traced, the tiny SD
-draws 1.28-1.32x the images/s, and keeps 0.92-0.99 of them (eager: 0.84-0.86) beside a thread
-holding the lock 15% of the time; SD 1.5's UNet, whose operations are large, gains 1.00-1.04x
-(`python -m bench.tracing`, three runs). The pixels are the same (`tests/models/test_tracing.py`).
+draws 1.28-1.35x the images/s, and keeps 0.92-0.99 of them (eager: 0.81-0.86) beside a thread
+holding the lock 15% of the time; SD 1.5's UNet, whose operations are large, gains 1.00-1.05x
+(`python -m bench.tracing`, four runs). The pixels are the same (`tests/models/test_tracing.py`).
 
 A trace records one path through the module's Python, so each signature gets its own: the shapes
 (but the batch size), dtypes and devices of the tensor arguments and the values of the others (a
@@ -32,7 +32,7 @@ import torch
 log = logging.getLogger(__name__)
 
 # Traces made per module over its life. TorchScript keeps a trace's graph after the trace is dropped
-# (about 18 MB each for the tiny UNet), so evicting old traces would not bound memory: past this,
+# (18 MB each for the tiny UNet, `python -m bench.tracing`), so evicting old traces would not bound memory: past this,
 # new signatures run eagerly.
 SIGNATURES = 8
 
