@@ -120,9 +120,9 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     return {"engine_bound_ratio": raw_s / planned_s, "batching_gain": (n / planned_s) / (few / single_s),
             "raw_batching_gain": (n / raw_s) / (few / raw_single_s),
             "system_images_per_s": n / planned_s, "raw_engine_images_per_s": n / raw_s,
-            # Where the system's time went, in CPU seconds per second of the raw loop: the worker's
-            # threads adding up to the whole slowdown, beside a half-idle second core, say that the
-            # one interpreter lock of the worker process is the limit, not the machine.
+            # Where the system's CPU went, in seconds per second of the raw loop: a task thread well
+            # above 1 spent more CPU than the raw loop on the same forward passes (its claims and
+            # hand-overs are a few hundredths).
             "worker_task_thread_cpu_vs_raw": cpu["task_thread"] / raw_s,
             "worker_other_threads_cpu_vs_raw": cpu["other_threads"] / raw_s,
             "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s,
