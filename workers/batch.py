@@ -36,14 +36,14 @@ from core.formats import CONTENT_TYPES, encode, flatten
 from core.jobs import complete_batches
 from core.masks import as_mask
 from core.settings import Settings
-from core.specs import FILE_FIELDS, parse_item
+from core.specs import parse_item
 from core.status import RETRYABLE, ErrorCode, JobStatus, failure, sources_of
 from core.storage import Storage, input_key, output_key
 from core.tables import Batch, Job, utcnow
 from core.usage import Usage
 from models.engine import Canceled, Engine, ImageRequest, ImageResult
 from models.profiles import library_versions
-from workers.lookahead import Lookahead, read_input
+from workers.lookahead import Lookahead, input_keys, read_input
 from workers.progress import Watch
 from workers.registry import Presence
 from workers.stopwatch import Stopwatch
@@ -263,33 +263,32 @@ class MicroBatch:
         self.lookahead = lookahead
         self._inputs: dict[str, Image.Image] = {}
 
+    def _input(self, key: str) -> Image.Image:
+        if key not in self._inputs:
+            self._inputs[key] = read_input(self.storage, key)
+        return self._inputs[key]
+
     def _image(self, tenant: str) -> Callable[[str], Image.Image]:
-        def load(file_id: str) -> Image.Image:
-            key = input_key(tenant, file_id)
-            if key not in self._inputs:
-                self._inputs[key] = read_input(self.storage, key)
-            return self._inputs[key]
-        return load
+        return lambda file_id: self._input(input_key(tenant, file_id))
 
     def _read_inputs(self, jobs: Sequence[Claimed]) -> None:
         """Read every input of the micro-batch at once (S3 GETs wait on the network, Pillow decodes
         with the GIL released) instead of one after another as each job asks for its own. A read
         that fails is left for the job itself to repeat and report: a missing object fails that
         job alone, storage trouble interrupts the micro-batch."""
-        wanted = {(job.tenant_id, file_id) for job in jobs for name in FILE_FIELDS
-                  if isinstance(file_id := job.spec.get(name), str)}
+        wanted = {key for job in jobs for key in input_keys(job.tenant_id, job.spec)}
         if self.lookahead is not None:  # read ahead: adopted now, before the next peek can drop them
-            for tenant, file_id in list(wanted):
-                image = self.lookahead.adopt(key := input_key(tenant, file_id))
+            for key in list(wanted):
+                image = self.lookahead.adopt(key)
                 if image is not None:
                     self._inputs[key] = image
-                    wanted.discard((tenant, file_id))
+                    wanted.discard(key)
         if len(wanted) < 2:
             return
 
-        def read(tenant_file: tuple[str, str]) -> None:
+        def read(key: str) -> None:
             with contextlib.suppress(Exception):
-                self._image(tenant_file[0])(tenant_file[1])
+                self._input(key)
 
         list(_threads("inputs", self.settings.upload_concurrency).map(read, wanted))
 

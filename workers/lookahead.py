@@ -26,8 +26,9 @@ import ipaddress
 import json
 import logging
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 from urllib.parse import urlsplit
 
 import redis
@@ -54,6 +55,11 @@ def prefetching(settings: Settings) -> bool:
     with contextlib.suppress(ValueError):
         return not ipaddress.ip_address(host).is_loopback
     return host != "localhost"
+
+
+def input_keys(tenant: str, spec: Mapping[str, Any]) -> set[str]:
+    """The storage keys of the input files a stored job spec reads."""
+    return {input_key(tenant, file_id) for name in FILE_FIELDS if isinstance(file_id := spec.get(name), str)}
 
 
 def read_input(storage: Storage, key: str) -> Image.Image:
@@ -145,5 +151,4 @@ class Lookahead:
         with session_scope(self.settings.database_url) as session:
             rows = session.execute(select(Job.tenant_id, Job.spec).where(
                 Job.id.in_(job_ids), Job.status == JobStatus.QUEUED))
-            return {input_key(tenant, file_id) for tenant, spec in rows for name in FILE_FIELDS
-                    if isinstance(file_id := spec.get(name), str)}
+            return {key for tenant, spec in rows for key in input_keys(tenant, spec)}
