@@ -128,10 +128,11 @@ def main() -> None:
                                   indent=2) + "\n")
     console.print(f"written to {results}")
     if not args.quick:
-        from bench import prefetch, tracing, webhooks
+        from bench import jobcap, prefetch, tracing, webhooks
 
         webhooks.main()
         prefetch.main()
+        jobcap.main()
         tracing.main()
 
 

@@ -64,7 +64,7 @@ def run_batch(client: httpx.Client, items: list[dict[str, Any]], timeout: float 
         assert time.monotonic() < deadline, f"batch {batch_id} did not finish: {batch['counts']}"
         time.sleep(0.2)
     assert batch["counts"]["succeeded"] == len(items), batch["counts"]
-    return batch_id, _seconds(batch["finished_at"]) - started
+    return batch_id, stamp_seconds(batch["finished_at"]) - started
 
 
 def tagged_items(n: int, tag: str, **spec: Any) -> list[dict[str, Any]]:
@@ -177,17 +177,27 @@ def bare_celery(stack: BenchStack, n: int) -> float:
         worker.wait()
 
 
-def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, probes: int) -> dict[str, float]:
-    response = client.post("/v1/batches", json={"items": tagged_items(backlog, "backlog", **GENERATE)})
+def singles_behind(client: httpx.Client, spec: dict[str, Any], backlog: int, probes: int,
+                   stage: str) -> tuple[str, list[float]]:
+    """Send a batch of `backlog` jobs of `spec`, then single jobs of it one after another, each
+    waited for; (the batch's id, each single job's seconds from submit to `stage`). Cancels the
+    batch."""
+    response = client.post("/v1/batches", json={"items": tagged_items(backlog, "backlog", **spec)})
     assert response.status_code == 202, response.text[:2000]
     bulk_id = response.json()["id"]
     waits = []
     for i in range(probes):
-        job = client.post("/v1/jobs", json={**GENERATE, "prompt": f"single {i}"}).json()
+        job = client.post("/v1/jobs", json={**spec, "seed": 10**6 + i}).json()
         while (state := client.get(f"/v1/jobs/{job['id']}").json())["status"] in ("queued", "running"):
             time.sleep(0.01)
-        waits.append(_seconds(state["timings"]["started_at"]) - _seconds(state["timings"]["queued_at"]))
+        assert state["status"] == "succeeded", state
+        waits.append(stamp_seconds(state["timings"][stage]) - stamp_seconds(state["timings"]["queued_at"]))
     client.post(f"/v1/batches/{bulk_id}/cancel")
+    return bulk_id, waits
+
+
+def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, probes: int) -> dict[str, float]:
+    bulk_id, waits = singles_behind(client, GENERATE, backlog, probes, "started_at")
     with session_scope(stack.settings.database_url) as session:
         runs = [(done - start).total_seconds() for start, done in session.execute(
             select(Job.started_at, Job.finished_at).where(Job.batch_id == bulk_id, Job.status == "succeeded"))
@@ -199,7 +209,7 @@ def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, pro
             "interactive_start_p95_vs_allowance": p95 / (micro_batch_s + 0.1)}
 
 
-def _seconds(stamp: str) -> float:
+def stamp_seconds(stamp: str) -> float:
     from datetime import UTC, datetime
 
     return datetime.fromisoformat(stamp.removesuffix("Z")).replace(tzinfo=UTC).timestamp()

@@ -1,7 +1,8 @@
 """Plan jobs into micro-batches and send them through Redis to the Celery workers.
 
 A micro-batch holds jobs that can share one forward pass (same group key: kind, mode, model,
-resolution bucket, steps, guidance) and whose summed cost fits the model's pixel budget. The
+resolution bucket, steps, guidance), whose summed cost fits the model's pixel budget and whose
+number stays within its job cap. The
 message carries job ids only; the database stays the source of truth, so a lost or duplicated
 message costs nothing but a redispatch or a skipped claim.
 
@@ -69,17 +70,19 @@ class Cutter:
         self.settings = settings
         self.budgets = budgets or {}
         self._open: dict[tuple[str, str], tuple[list[Planned], int]] = {}
-        self._budget: dict[str, int] = {}
+        self._limits: dict[str, tuple[int, int]] = {}  # group key: (pixel budget, most jobs)
 
     def add(self, job: Planned) -> list[Planned] | None:
         """Adds a job; returns the micro-batch it closed, if it closed one."""
         group = (job.lane, job.group_key)
         current, used = self._open.get(group, ([], 0))
         full = None
-        budget = self._budget.get(job.group_key)
-        if budget is None:
-            budget = self._budget[job.group_key] = budget_for(job.group_key, self.settings, self.budgets)
-        if current and used + job.cost > budget:
+        limits = self._limits.get(job.group_key)
+        if limits is None:
+            limits = self._limits[job.group_key] = (budget_for(job.group_key, self.settings, self.budgets),
+                                                    self.settings.models[model_of(job.group_key)].max_jobs)
+        budget, most = limits
+        if current and (used + job.cost > budget or len(current) >= most):
             full, current, used = current, [], 0
         current.append(job)
         self._open[group] = (current, used + job.cost)
@@ -94,7 +97,7 @@ class Cutter:
 def cut(jobs: Iterable[Planned], settings: Settings, budgets: Mapping[str, int] | None = None
         ) -> list[list[Planned]]:
     """Group compatible jobs and cut each group into micro-batches that fit their model's pixel
-    budget. A job larger than the budget runs alone."""
+    budget and job cap (`max_jobs`). A job larger than the budget runs alone."""
     cutter = Cutter(settings, budgets)
     batches = [full for job in jobs if (full := cutter.add(job)) is not None]
     return batches + cutter.flush()

@@ -30,6 +30,18 @@ def test_a_job_over_the_budget_runs_alone(tmp_path):
     assert [[j.id for j in b] for b in cut(jobs, settings)] == [["big"], ["small"]]
 
 
+def test_small_jobs_are_cut_at_the_job_cap_not_only_the_pixel_budget(tmp_path):
+    # 8x8 upscales add 1,024 pixels each: lanczos-x4's budget alone would hold 16,384 of them.
+    settings = Settings(data_dir=tmp_path)
+    cap = settings.models["lanczos-x4"].max_jobs
+    jobs = [Planned(f"j{i}", "lanczos-x4|upscale|x4", 32 * 32, "bulk") for i in range(2 * cap + 1)]
+    batches = cut(jobs, settings)
+    assert [len(b) for b in batches] == [cap, cap, 1]
+    assert [j.id for b in batches for j in b] == [j.id for j in jobs]
+    capped = Settings(data_dir=tmp_path, models={"lanczos-x4": {"task": "upscale", "engine": "lanczos", "max_jobs": 3}})
+    assert [len(b) for b in cut(jobs[:7], capped)] == [3, 3, 1]
+
+
 def test_plan_buckets_sizes_and_costs(tmp_path):
     settings = Settings(data_dir=tmp_path, check_weights_at_submit=False)  # realesrgan-x4 is not pulled here
     (g1, g2, g3, inp, up), errors = parse_items([
