@@ -220,21 +220,36 @@ class Staged:
     def store(self) -> list[Outcome]:
         """Encode, upload, finish. Raises Interrupted on infrastructure trouble, after handing the
         jobs back like a failed `start`."""
-        batch = self.batch
+        self.upload()
+        return self.finish()
+
+    def upload(self) -> None:
+        """Encode and upload every output (the store pipeline's first stage). Raises Interrupted
+        on infrastructure trouble, after handing the jobs back."""
         try:
             for store in self._stores:
-                batch._store(store)
-            # Stopped before finishing: never two writers on these rows at once (PostgreSQL's one
-            # finishing statement locks them in its plan's order, a beat in sorted order).
-            self._heartbeat.stop()
+                self.batch._store(store)
+        except Exception as exc:
+            self._heartbeat.stop()  # before the hand-back: never two writers on these rows at once
+            raise self.batch._interrupted(self.claimed, exc) from exc
+        except BaseException:
+            self._heartbeat.stop()  # the thread dies with its process: the leases must run out
+            raise
+        finally:
+            self._stores = []  # the decoded images go now, not when the caller drops this object
+
+    def finish(self) -> list[Outcome]:
+        """Finish the jobs, once `upload` is done (the store pipeline's second stage). Raises
+        Interrupted on infrastructure trouble, after handing the jobs back."""
+        batch = self.batch
+        # Stopped before finishing: never two writers on these rows at once (PostgreSQL's one
+        # finishing statement locks them in its plan's order, a beat in sorted order).
+        self._heartbeat.stop()
+        try:
             uploaded = finish(batch.settings, self.outcomes)
             batch._drop_canceled(uploaded)
         except Exception as exc:
-            self._heartbeat.stop()  # before the hand-back: never two writers on these rows at once
             raise batch._interrupted(self.claimed, exc) from exc
-        finally:
-            self._heartbeat.stop()
-            self._stores = []  # the decoded images go now, not when the caller drops this object
         if batch.presence is not None:
             batch.presence.images_done += sum(len(o.output_keys) for o in self.outcomes
                                               if o.status == JobStatus.SUCCEEDED)

@@ -3,6 +3,7 @@ next one runs, in order, within bounds, and no job is finished before its output
 PostgreSQL and SeaweedFS; storage is held at a gate to stand for a slow upload."""
 
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -142,3 +143,31 @@ def test_the_pipeline_knows_which_jobs_still_wait_to_be_stored(settings):
     storage.gate.set()
     pipeline.drain()
     assert pipeline.holding(ids) == set()
+
+
+def test_finishing_a_micro_batch_does_not_hold_up_the_next_ones_uploads(settings):
+    """Two stages: while micro-batch N's finishing transaction waits (here on row locks another
+    transaction holds), N+1's outputs are uploaded; N is still finished before N+1."""
+    worker = MicroBatch(settings, Storage(settings), Registry(settings).get, worker="test@host")
+    pipeline = Pipeline(depth=2)
+    first, second = batch_of(settings, "e", 2), batch_of(settings, "f", 2)
+    finished: list[list[str]] = []
+    plain = Storage(settings)
+    with session_scope(settings.database_url) as blocker:
+        staged = worker.start(first)
+        assert staged is not None
+        blocker.execute(select(Job.id).where(Job.id.in_(first)).with_for_update()).all()
+        pipeline.put(staged, lambda outcomes: finished.append([o.job.id for o in outcomes]), pytest.fail)
+        after = worker.start(second)
+        assert after is not None
+        keys = [key for outcome in after.outcomes for key in outcome.output_keys]
+        pipeline.put(after, lambda outcomes: finished.append([o.job.id for o in outcomes]), pytest.fail)
+        deadline = time.monotonic() + 30
+        while not all(plain.exists(key) for key in keys):
+            assert time.monotonic() < deadline, "the next micro-batch's uploads waited for the finishing"
+            time.sleep(0.05)
+        assert finished == []  # the first one's finishing still waits on the locks
+        assert {job.status for job in jobs(settings, first + second).values()} == {"running"}
+    pipeline.drain()
+    assert finished == [first, second]
+    assert {job.status for job in jobs(settings, first + second).values()} == {"succeeded"}
