@@ -25,7 +25,8 @@ from functools import cache
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import Table, Update, and_, bindparam, func, or_, select, text, update
+from sqlalchemy import JSON, Float, Table, Update, and_, bindparam, func, or_, select, text, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -515,12 +516,19 @@ def _lock_order(outcome: Outcome) -> tuple[str, str]:
     return outcome.job.batch_id or "", outcome.job.id
 
 
-# Set by the finishing UPDATE from each outcome, with their PostgreSQL types (lease_until and
-# outage_since are cleared besides).
-_FINISHED = {"status": "varchar", "error": "text", "error_code": "varchar", "retryable": "boolean",
-             "output_keys": "json", "result": "json", "timings": "json", "fingerprint": "varchar",
-             "finished_at": "timestamp", "progress": "float8", "usage_megapixels": "float8", "usage_steps": "int",
-             "usage_compute_seconds": "float8", "usage_device": "varchar"}
+# Set by the finishing UPDATE from each outcome (lease_until and outage_since are cleared besides).
+_FINISHED = ("status", "error", "error_code", "retryable", "output_keys", "result", "timings", "fingerprint",
+             "finished_at", "progress", *Usage().columns())
+
+
+def _is_json(name: str) -> bool:
+    return isinstance(Job.__table__.c[name].type, JSON)
+
+
+def _array_type(name: str) -> str:
+    """The PostgreSQL type of a `_FINISHED` column's array, from the table: JSON goes as text, cast
+    in the statement."""
+    return "text" if _is_json(name) else Job.__table__.c[name].type.compile(dialect=postgresql.dialect())
 
 
 def finish(settings: Settings, outcomes: Sequence[Outcome], one_statement: bool | None = None) -> list[Outcome]:
@@ -549,10 +557,10 @@ def record(connection: Connection, rows: list[dict[str, Any]], one_statement: bo
         return
     if one_statement if one_statement is not None else connection.dialect.name == "postgresql":
         columns = {name: [row[name] for row in rows] for name in ("id", "claims", *_FINISHED)}
-        for name, kind in _FINISHED.items():
-            if kind == "json":  # sent as text, cast in the statement; None as JSON null, as SQLAlchemy's JSON does
+        for name in _FINISHED:
+            if _is_json(name):  # sent as text, cast in the statement; None as JSON null, as SQLAlchemy's JSON does
                 columns[name] = [json.dumps(value) for value in columns[name]]
-            elif kind == "float8":  # psycopg refuses a list mixing ints and floats
+            elif isinstance(Job.__table__.c[name].type, Float):  # psycopg refuses a list mixing ints and floats
                 columns[name] = [None if value is None else float(value) for value in columns[name]]
         connection.execute(_FINISH_ALL, columns)
     else:
@@ -565,9 +573,9 @@ def record(connection: Connection, rows: list[dict[str, Any]], one_statement: bo
 # 200 rows cost more to compile than it saved). `python -m bench.finish` measures both.
 _FINISH_ALL = text(
     "UPDATE jobs SET lease_until = NULL, outage_since = NULL, "
-    + ", ".join(f"{name} = f.{name}" + ("::json" if kind == "json" else "") for name, kind in _FINISHED.items())
+    + ", ".join(f"{name} = f.{name}" + ("::json" if _is_json(name) else "") for name in _FINISHED)
     + " FROM unnest(CAST(:id AS varchar[]), CAST(:claims AS int[]), "
-    + ", ".join(f"CAST(:{name} AS {'text' if kind == 'json' else kind}[])" for name, kind in _FINISHED.items())
+    + ", ".join(f"CAST(:{name} AS {_array_type(name)}[])" for name in _FINISHED)
     + ") AS f(id, claims, " + ", ".join(_FINISHED) + ") "
     # A canceled job stays canceled.
     f"WHERE jobs.id = f.id AND jobs.claims = f.claims AND jobs.status = '{JobStatus.RUNNING.value}'"
