@@ -25,7 +25,7 @@ from functools import cache
 from typing import Any
 
 from PIL import Image
-from sqlalchemy import JSON, Float, Table, Update, and_, bindparam, func, or_, select, text, update
+from sqlalchemy import JSON, Float, String, Table, Update, and_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
@@ -209,6 +209,7 @@ class Staged:
                  stores: list[_Store], heartbeat: Heartbeat) -> None:
         self.batch, self.claimed, self.outcomes = batch, claimed, outcomes
         self._stores, self._heartbeat = stores, heartbeat
+        self._uploaded = False
 
     @property
     def job_ids(self) -> list[str]:
@@ -230,6 +231,7 @@ class Staged:
         try:
             for store in self._stores:
                 self.batch._store(store)
+            self._uploaded = True
         except Exception as exc:
             self._heartbeat.stop()  # before the hand-back: never two writers on these rows at once
             raise self.batch._interrupted(self.claimed, exc) from exc
@@ -242,6 +244,8 @@ class Staged:
     def finish(self) -> list[Outcome]:
         """Finish the jobs, once `upload` is done (the store pipeline's second stage). Raises
         Interrupted on infrastructure trouble, after handing the jobs back."""
+        if not self._uploaded:
+            raise RuntimeError("finishing jobs whose outputs were not uploaded")
         batch = self.batch
         # Stopped before finishing: never two writers on these rows at once (PostgreSQL's one
         # finishing statement locks them in its plan's order, a beat in sorted order).
@@ -255,6 +259,12 @@ class Staged:
             batch.presence.images_done += sum(len(o.output_keys) for o in self.outcomes
                                               if o.status == JobStatus.SUCCEEDED)
         return self.outcomes
+
+    def abandon(self) -> None:
+        """Leave the jobs as a dead process would: running, their leases left to lapse, so the
+        reconciler sends them again."""
+        self._heartbeat.stop()
+        self._stores = []
 
 
 @cache
@@ -521,14 +531,16 @@ _FINISHED = ("status", "error", "error_code", "retryable", "output_keys", "resul
              "finished_at", "progress", *Usage().columns())
 
 
-def _is_json(name: str) -> bool:
-    return isinstance(Job.__table__.c[name].type, JSON)
-
-
 def _array_type(name: str) -> str:
-    """The PostgreSQL type of a `_FINISHED` column's array, from the table: JSON goes as text, cast
-    in the statement."""
-    return "text" if _is_json(name) else Job.__table__.c[name].type.compile(dialect=postgresql.dialect())
+    """The PostgreSQL type of a `_FINISHED` column's array, from the table. Strings and JSON go as
+    text (JSON cast in the statement): a cast to varchar(n) would cut a value too long for its
+    column, where assigning text to it fails."""
+    kind = Job.__table__.c[name].type
+    return "text" if isinstance(kind, JSON | String) else kind.compile(dialect=postgresql.dialect())
+
+
+_JSON_COLUMNS = {name for name in _FINISHED if isinstance(Job.__table__.c[name].type, JSON)}
+_FLOAT_COLUMNS = {name for name in _FINISHED if isinstance(Job.__table__.c[name].type, Float)}
 
 
 def finish(settings: Settings, outcomes: Sequence[Outcome], one_statement: bool | None = None) -> list[Outcome]:
@@ -558,9 +570,9 @@ def record(connection: Connection, rows: list[dict[str, Any]], one_statement: bo
     if one_statement if one_statement is not None else connection.dialect.name == "postgresql":
         columns = {name: [row[name] for row in rows] for name in ("id", "claims", *_FINISHED)}
         for name in _FINISHED:
-            if _is_json(name):  # sent as text, cast in the statement; None as JSON null, as SQLAlchemy's JSON does
+            if name in _JSON_COLUMNS:  # sent as text, cast in the statement; None as JSON null, as SQLAlchemy does
                 columns[name] = [json.dumps(value) for value in columns[name]]
-            elif isinstance(Job.__table__.c[name].type, Float):  # psycopg refuses a list mixing ints and floats
+            elif name in _FLOAT_COLUMNS:  # psycopg refuses a list mixing ints and floats
                 columns[name] = [None if value is None else float(value) for value in columns[name]]
         connection.execute(_FINISH_ALL, columns)
     else:
@@ -573,7 +585,7 @@ def record(connection: Connection, rows: list[dict[str, Any]], one_statement: bo
 # 200 rows cost more to compile than it saved). `python -m bench.finish` measures both.
 _FINISH_ALL = text(
     "UPDATE jobs SET lease_until = NULL, outage_since = NULL, "
-    + ", ".join(f"{name} = f.{name}" + ("::json" if _is_json(name) else "") for name in _FINISHED)
+    + ", ".join(f"{name} = f.{name}" + ("::json" if name in _JSON_COLUMNS else "") for name in _FINISHED)
     + " FROM unnest(CAST(:id AS varchar[]), CAST(:claims AS int[]), "
     + ", ".join(f"CAST(:{name} AS {_array_type(name)}[])" for name in _FINISHED)
     + ") AS f(id, claims, " + ", ".join(_FINISHED) + ") "

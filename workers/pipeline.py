@@ -4,8 +4,7 @@ so the next message reaches the engine without waiting on storage.
 
 Two stages, one thread each: uploading (each micro-batch's objects in parallel), then finishing
 (one transaction). Micro-batch N's finishing overlaps N+1's uploads, which would otherwise stop
-for it: for near no-op jobs it is a tenth of the store. Both stages take micro-batches in the order
-their forward passes ended.
+for it. Both stages take micro-batches in the order their forward passes ended.
 
 Bounded: at most STEP1X_PIPELINE_DEPTH micro-batches are being stored or wait for it; a task whose
 forward pass ends while the pipeline is full waits for room (back-pressure when storage falls
@@ -52,6 +51,7 @@ class Pipeline:
         self._uploaded: queue.Queue[_Entry] = queue.Queue()  # to finish
         self._held: set[str] = set()  # job ids handed over and not stored yet
         self._lock = threading.Lock()
+        self._dead: BaseException | None = None  # what killed a stage: the process is going
         for stage, name in ((self._upload_loop, "store-upload"), (self._finish_loop, "store-finish")):
             threading.Thread(target=stage, name=name, daemon=True).start()
         _pipelines.append(self)
@@ -62,7 +62,11 @@ class Pipeline:
         with self._lock:
             self._held.update(staged.job_ids)
         self._room.acquire()
-        self._entries.put(_Entry(staged, done, interrupted))
+        with self._lock:
+            self._entries.put(_Entry(staged, done, interrupted))
+            if self._dead is None:
+                return
+        self._abandon_waiting()
 
     def holding(self, job_ids: Sequence[str]) -> set[str]:
         """Which of these jobs this pipeline still has to store. A message naming them again (a
@@ -71,7 +75,8 @@ class Pipeline:
             return self._held.intersection(job_ids)
 
     def drain(self) -> None:
-        """Wait until every micro-batch handed over is stored (or handed back)."""
+        """Wait until every micro-batch handed over is stored, handed back, or left to the
+        reconciler after a stage died."""
         self._entries.join()
 
     def _upload_loop(self) -> None:
@@ -82,9 +87,15 @@ class Pipeline:
             except BaseException as exc:  # handed back (Interrupted), or the thread dies with its process
                 self._end(entry, exc)
                 if not isinstance(exc, Exception):
+                    self._die(exc)
                     raise
-            else:
-                self._uploaded.put(entry)
+                continue
+            with self._lock:
+                if self._dead is None:
+                    self._uploaded.put(entry)
+                    continue
+            entry.staged.abandon()
+            self._end(entry, self._dead)
 
     def _finish_loop(self) -> None:
         while True:
@@ -94,9 +105,28 @@ class Pipeline:
             except BaseException as exc:
                 self._end(entry, exc)
                 if not isinstance(exc, Exception):
+                    self._die(exc)
                     raise
             else:
                 self._end(entry, None, outcomes)
+
+    def _die(self, exc: BaseException) -> None:
+        """A stage's thread is dying with its process: nothing it would have taken gets stored, so
+        every micro-batch still waiting, and any handed over later, is left as the crash leaves it
+        (`Staged.abandon`) instead of holding its leases and `drain` forever."""
+        with self._lock:
+            self._dead = exc
+        self._abandon_waiting()
+
+    def _abandon_waiting(self) -> None:
+        for waiting in (self._entries, self._uploaded):
+            while True:
+                try:
+                    entry = waiting.get_nowait()
+                except queue.Empty:
+                    break
+                entry.staged.abandon()
+                self._end(entry, self._dead)
 
     def _end(self, entry: _Entry, error: BaseException | None, outcomes: list[Outcome] | None = None) -> None:
         """A micro-batch leaves the pipeline: stored (`outcomes`), handed back (Interrupted), or

@@ -59,6 +59,14 @@ def jobs(settings, ids):
         return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
 
 
+def drained(pipeline, seconds=30):
+    """Whether `drain` returned within `seconds`."""
+    waiter = threading.Thread(target=pipeline.drain, daemon=True)
+    waiter.start()
+    waiter.join(seconds)
+    return not waiter.is_alive()
+
+
 def test_outputs_are_stored_in_order_within_bounds_and_finished_after(settings):
     storage = GatedStorage(settings)
     worker = MicroBatch(settings, storage, Registry(settings).get, worker="test@host")
@@ -171,3 +179,36 @@ def test_finishing_a_micro_batch_does_not_hold_up_the_next_ones_uploads(settings
     pipeline.drain()
     assert finished == [first, second]
     assert {job.status for job in jobs(settings, first + second).values()} == {"succeeded"}
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the "crash"
+def test_a_crash_while_finishing_leaves_what_follows_to_the_reconciler(settings):
+    """The finishing thread dies (as with its process): the micro-batch behind it is uploaded but
+    not finished, its heartbeat stops so the leases lapse, and nothing waits for it forever."""
+    worker = MicroBatch(settings, Storage(settings), Registry(settings).get, worker="gone@host")
+    pipeline = Pipeline(depth=2)
+    first, second = batch_of(settings, "g", 2), batch_of(settings, "h", 2)
+    staged = worker.start(first)
+    assert staged is not None
+
+    def crash() -> list:
+        staged.abandon()  # what the real finish does first: its heartbeat stops
+        raise Crash("finishing")
+
+    staged.finish = crash  # type: ignore[method-assign]
+    pipeline.put(staged, pytest.fail, pytest.fail)
+    after = worker.start(second)
+    assert after is not None
+    pipeline.put(after, pytest.fail, pytest.fail)
+    assert drained(pipeline), "a micro-batch waits forever on the dead stage"
+
+    assert pipeline.holding(first + second) == set()
+    assert not after._heartbeat._thread.is_alive()  # its leases lapse
+    held = jobs(settings, first + second)
+    assert {(job.status, job.finished_at) for job in held.values()} == {("running", None)}
+    # A micro-batch handed over after the crash is left the same way at once.
+    later = worker.start(batch_of(settings, "i", 1))
+    assert later is not None
+    pipeline.put(later, pytest.fail, pytest.fail)
+    assert drained(pipeline)
+    assert not later._heartbeat._thread.is_alive()
