@@ -244,12 +244,12 @@ class Staged:
     def finish(self) -> list[Outcome]:
         """Finish the jobs, once `upload` is done (the store pipeline's second stage). Raises
         Interrupted on infrastructure trouble, after handing the jobs back."""
-        if not self._uploaded:
-            raise RuntimeError("finishing jobs whose outputs were not uploaded")
         batch = self.batch
         # Stopped before finishing: never two writers on these rows at once (PostgreSQL's one
         # finishing statement locks them in its plan's order, a beat in sorted order).
         self._heartbeat.stop()
+        if not self._uploaded:  # a caller's mistake: the leases lapse and the reconciler re-runs the jobs
+            raise RuntimeError("finishing jobs whose outputs were not uploaded")
         try:
             uploaded = finish(batch.settings, self.outcomes)
             batch._drop_canceled(uploaded)

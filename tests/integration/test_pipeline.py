@@ -212,3 +212,14 @@ def test_a_crash_while_finishing_leaves_what_follows_to_the_reconciler(settings)
     pipeline.put(later, pytest.fail, pytest.fail)
     assert drained(pipeline)
     assert not later._heartbeat._thread.is_alive()
+
+
+def test_jobs_are_never_finished_before_their_uploads(settings):
+    worker = MicroBatch(settings, Storage(settings), Registry(settings).get, worker="test@host")
+    ids = batch_of(settings, "j", 1)
+    staged = worker.start(ids)
+    assert staged is not None
+    with pytest.raises(RuntimeError, match="not uploaded"):
+        staged.finish()
+    assert {(job.status, job.finished_at) for job in jobs(settings, ids).values()} == {("running", None)}
+    assert not staged._heartbeat._thread.is_alive()  # the leases lapse: the reconciler runs them again
