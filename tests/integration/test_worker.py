@@ -152,7 +152,7 @@ def test_a_stale_attempt_cannot_overwrite_a_newer_one(settings, worker):
 
 @pytest.mark.parametrize("one_statement", [True, False])
 def test_finishing_records_every_kind_of_outcome_the_same_either_way(settings, one_statement):
-    """PostgreSQL finishes a micro-batch with one UPDATE of arrays, SQLite with an UPDATE per job
+    """PostgreSQL finishes a micro-batch with one UPDATE reading a JSON document, SQLite with an UPDATE per job
     (`workers.batch.record`): on the same database both must record the same rows and counters."""
     client = api_client(settings)
     image = upload(client, png())
