@@ -43,7 +43,7 @@ class ModelProfile(BaseModel):
     # Most jobs in one micro-batch, however few pixels they add. A micro-batch is what a worker
     # claims, stores and finishes as one: cut by pixels alone, 5,000 small upscales became one
     # micro-batch whose outputs all appeared at its end, and an interactive job's store waited behind
-    # all of its uploads (9.1 s to finish instead of 0.75 s: python -m bench.jobcap).
+    # all of its uploads (6.1 s to finish instead of 0.72 s: python -m bench.jobcap).
     max_jobs: int = Field(256, ge=1)
     # Edge of the square the model works at natively (inpaint crops are resized to it).
     native_size: int = 512
