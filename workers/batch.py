@@ -1,5 +1,6 @@
 """Run one micro-batch: claim -> load inputs -> run the engine (`MicroBatch.start`), then encode and
-upload the outputs -> finish (`Staged.store`), which the worker overlaps with the next forward pass.
+upload the outputs (`Staged.upload`) -> finish (`Staged.finish`), which the worker's store pipeline
+overlaps with the next forward pass.
 
 No Celery here: the task in `workers.tasks` is a thin shim, and tests run `MicroBatch` directly.
 Every step is idempotent. The claim is one conditional UPDATE, so a job already running under a
