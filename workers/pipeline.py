@@ -23,13 +23,13 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from workers.batch import Interrupted, Outcome, Staged
 
 log = logging.getLogger(__name__)
 _pipelines: list[Pipeline] = []  # this process's
-
+_LEFT = object()  # a stage's step ended with the micro-batch leaving the pipeline
 
 
 def drain_all() -> None:
@@ -82,33 +82,32 @@ class Pipeline:
     def _upload_loop(self) -> None:
         while True:
             entry = self._entries.get()
-            try:
-                entry.staged.upload()
-            except BaseException as exc:  # handed back (Interrupted), or the thread dies with its process
-                self._end(entry, exc)
-                if not isinstance(exc, Exception):
-                    self._die(exc)
-                    raise
+            if self._step(entry, entry.staged.upload) is _LEFT:
                 continue
             with self._lock:
                 if self._dead is None:
                     self._uploaded.put(entry)
                     continue
-            entry.staged.abandon()
-            self._end(entry, self._dead)
+            self._abandon(entry)
 
     def _finish_loop(self) -> None:
         while True:
             entry = self._uploaded.get()
-            try:
-                outcomes = entry.staged.finish()
-            except BaseException as exc:
-                self._end(entry, exc)
-                if not isinstance(exc, Exception):
-                    self._die(exc)
-                    raise
-            else:
+            outcomes = self._step(entry, entry.staged.finish)
+            if outcomes is not _LEFT:
                 self._end(entry, None, outcomes)
+
+    def _step(self, entry: _Entry, step: Callable[[], Any]) -> Any:
+        """A stage's work on one micro-batch: its result, or _LEFT once the micro-batch has left
+        the pipeline (handed back, or failed); the stage's thread dies with its process."""
+        try:
+            return step()
+        except BaseException as exc:
+            self._end(entry, exc)
+            if not isinstance(exc, Exception):
+                self._die(exc)
+                raise
+            return _LEFT
 
     def _die(self, exc: BaseException) -> None:
         """A stage's thread is dying with its process: nothing it would have taken gets stored, so
@@ -122,11 +121,13 @@ class Pipeline:
         for waiting in (self._entries, self._uploaded):
             while True:
                 try:
-                    entry = waiting.get_nowait()
+                    self._abandon(waiting.get_nowait())
                 except queue.Empty:
                     break
-                entry.staged.abandon()
-                self._end(entry, self._dead)
+
+    def _abandon(self, entry: _Entry) -> None:
+        entry.staged.abandon()
+        self._end(entry, self._dead)
 
     def _end(self, entry: _Entry, error: BaseException | None, outcomes: list[Outcome] | None = None) -> None:
         """A micro-batch leaves the pipeline: stored (`outcomes`), handed back (Interrupted), or
