@@ -28,7 +28,7 @@ from core.tables import WorkerSample, utcnow
 log = logging.getLogger(__name__)
 
 BATCH_SIZE = Histogram("step1x_microbatch_size", "Jobs claimed per micro-batch", ["model"],
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 STAGE_SECONDS = Histogram("step1x_stage_seconds",
                           "Seconds per job in each stage (queued, claim, load, run, encode, upload)",
                           ["stage", "model"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
