@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from rich.table import Table
 
 from bench import submit, worker
 from bench.dashboard import bench_dashboard
+from bench.spread import spread
 from bench.stack import BenchStack
 
 console = Console()
@@ -61,12 +61,11 @@ def machine() -> dict[str, Any]:
 def summarise(runs: list[dict[str, float]]) -> dict[str, dict[str, Any]]:
     figures: dict[str, dict[str, Any]] = {}
     for name in runs[0]:
-        values = [run[name] for run in runs]
+        figure = spread([run[name] for run in runs])
         target, better = TARGETS.get(name, (None, "higher"))
-        median = statistics.median(values)
+        median = figure["median"]
         met = None if target is None else (median >= target if better == "higher" else median <= target)
-        figures[name] = {"min": min(values), "median": median, "max": max(values), "runs": values,
-                         "target": target, "better": better, "met": met}
+        figures[name] = {**figure, "target": target, "better": better, "met": met}
     return figures
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.spread import spread, spread_text
 from bench.stack import BenchStack
 from bench.worker import noise_png, run_batch, singles_behind, tagged_items
 
@@ -68,9 +68,7 @@ def main() -> dict[str, Any]:
     figures = {}
     for name, measured in runs.items():
         for figure in measured[0]:
-            values = [run[figure] for run in measured]
-            figures[f"{figure}_{name}"] = {"min": min(values), "median": statistics.median(values),
-                                           "max": max(values), "runs": values}
+            figures[f"{figure}_{name}"] = spread([run[figure] for run in measured])
     table = Table(title=f"Job cap per micro-batch, lanczos-x4 8x8 upscales ({REPEATS} interleaved repeats)")
     for column in ("max_jobs", f"single job's finish behind {BACKLOG:,} (slowest of {PROBES}, s)",
                    f"{NOOPS:,} no-op jobs/s"):
@@ -78,7 +76,7 @@ def main() -> dict[str, Any]:
     for name, label in (("default", f"{cap} (default)"), ("lifted", f"{LIFTED:,}")):
         row = [figures[f"{figure}_{name}"] for figure in ("interactive_finish_behind_upscales_max_s",
                                                            "noop_jobs_per_s")]
-        table.add_row(label, *(f"{f['min']:.3g} / {f['median']:.3g} / {f['max']:.3g}" for f in row))
+        table.add_row(label, *(spread_text(f) for f in row))
     console.print(table)
     console.print("min / median / max")
     result = {"default_max_jobs": cap, "lifted_max_jobs": LIFTED, "backlog": BACKLOG, "probes": PROBES,

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.latency import delayed
+from bench.spread import spread, spread_text
 from bench.stack import BenchStack
 from bench.worker import run_batch
 
@@ -82,8 +83,7 @@ def main() -> dict[str, Any]:
                               "runs": rates}
     for where in ("loopback", "20ms"):
         gains = [on / off for on, off in zip(rates[f"{where}_on"], rates[f"{where}_off"], strict=True)]
-        result[f"input_prefetch_gain_{where}"] = {"min": min(gains), "median": statistics.median(gains),
-                                                  "max": max(gains)}
+        result[f"input_prefetch_gain_{where}"] = spread(gains)
     table = Table(title=f"Input lookahead: inpainting images/s, on vs off ({REPEATS} interleaved repeats, medians)")
     for column in ("worker's S3", "on", "off", "gain (min / median / max)"):
         table.add_column(column)
@@ -91,7 +91,7 @@ def main() -> dict[str, Any]:
         gain = result[f"input_prefetch_gain_{where}"]
         table.add_row(label, f"{result['images_per_s'][f'{where}_on']:.1f}",
                       f"{result['images_per_s'][f'{where}_off']:.1f}",
-                      f"{gain['min']:.2f} / {gain['median']:.2f} / {gain['max']:.2f}")
+                      spread_text(gain, ".2f"))
     console.print(table)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     console.print(f"written to {RESULTS}")

@@ -23,6 +23,8 @@ from typing import Any, cast
 from rich.console import Console
 from rich.table import Table
 
+from bench.spread import spread, spread_text
+
 REPEATS = 3
 BATCHES = 6
 SIZE = 16
@@ -74,7 +76,7 @@ def main() -> None:
         table.add_column(column)
     for name in engines:
         alone, beside = runs[name, False], runs[name, True]
-        table.add_row(name, _spread(alone), _spread(beside),
+        table.add_row(name, spread_text(spread(alone), ".1f"), spread_text(spread(beside), ".1f"),
                       f"{statistics.median(beside) / statistics.median(alone):.2f}")
     eager, traced = (statistics.median(runs[name, False]) for name in engines)
     Console().print(table)
@@ -152,10 +154,6 @@ def _hold_the_lock(stop: threading.Event) -> None:
         while time.perf_counter() - started < 0.01 * LOCK_SHARE:
             sum(range(1000))  # pure Python: holds the lock
         time.sleep(0.01 * (1 - LOCK_SHARE))
-
-
-def _spread(values: list[float]) -> str:
-    return f"{min(values):.1f} / {statistics.median(values):.1f} / {max(values):.1f}"
 
 
 if __name__ == "__main__":
