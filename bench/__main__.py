@@ -3,7 +3,8 @@ side in one run. Families run interleaved (submission, worker, submission, worke
 repeated REPEATS times; the table shows min / median / max and the target, and everything is
 written to bench/results.json (with `--trace`, tiny-sd runs traced and bench/results-traced.json is
 written instead). Full runs add the engine-level comparisons of `bench.models`, webhook
-delivery (`bench.webhooks`), the input lookahead (`bench.prefetch`) and traced engines
+delivery (`bench.webhooks`), the input lookahead (`bench.prefetch`), the job cap (`bench.jobcap`),
+where the forward pass slows down in the system (`bench.interference`) and traced engines
 (`bench.tracing`).
 """
 
@@ -127,11 +128,12 @@ def main() -> None:
                                   indent=2) + "\n")
     console.print(f"written to {results}")
     if not args.quick:
-        from bench import jobcap, prefetch, tracing, webhooks
+        from bench import interference, jobcap, prefetch, tracing, webhooks
 
         webhooks.main()
         prefetch.main()
         jobcap.main()
+        interference.main()
         tracing.main()
 
 
