@@ -203,7 +203,9 @@ def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, pro
             select(Job.started_at, Job.finished_at).where(Job.batch_id == bulk_id, Job.status == "succeeded"))
             if start is not None and done is not None]
     micro_batch_s = statistics.median(runs) if runs else float("nan")
-    p95 = statistics.quantiles(waits, n=20)[-1] if len(waits) >= 2 else waits[0]
+    # Inclusive: from a handful of probes (5 in a quick run) the default method extrapolates a p95
+    # beyond the slowest probe; this one interpolates between the measured waits.
+    p95 = statistics.quantiles(waits, n=20, method="inclusive")[-1] if len(waits) >= 2 else waits[0]
     # The target: a single job starts within one micro-batch (the one in the engine) plus 100 ms.
     return {"interactive_start_p95_s": p95, "interactive_start_p95_micro_batches": p95 / micro_batch_s,
             "interactive_start_p95_vs_allowance": p95 / (micro_batch_s + 0.1)}
