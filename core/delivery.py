@@ -198,14 +198,14 @@ def _attempt(settings: Settings, http: httpx.Client, prepared: Prepared) -> str:
     try:
         with http.stream("POST", prepared.url, content=prepared.body, headers=headers) as response:
             head = b""
-            for chunk in response.iter_bytes():
+            for chunk in response.iter_raw():  # never inflated: see core.outbound
                 head += chunk
                 if len(head) >= RESPONSE_LOGGED:
                     break
             text = head[:RESPONSE_LOGGED].decode("utf-8", "replace")
     except outbound.Refused as exc:
         error = exc.reason
-    except httpx.HTTPError as exc:
+    except Exception as exc:  # httpx.HTTPError, or e.g. InvalidURL from a URL stored before today's checks
         error = f"{type(exc).__name__}: {exc}"
     latency = int((time.perf_counter() - started) * 1000)
     with session_scope(settings.database_url) as session:

@@ -8,6 +8,11 @@ connection: the network backend resolves the host once, checks every address, an
 checked one, so a DNS answer that changes between check and connect (rebinding) cannot slip past.
 Redirects are never followed, and proxies from the environment are ignored (a proxy would connect
 on our behalf, past the check).
+
+Every connection also has an overall deadline, the client's timeout, from connect to the last byte:
+httpx's timeouts bound each read, so a peer sending a byte at a time could otherwise hold a thread
+for hours. Bodies are asked for uncompressed (`Accept-Encoding: identity`) and read raw: a few
+hundred compressed bytes can inflate to gigabytes before any size check sees them.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import ipaddress
 import socket
 import ssl
+import time
+import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -32,6 +39,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _SIX_TO_FOUR = ipaddress.ip_network("2002::/16")
+_ULA = ipaddress.ip_network("fc00::/7")
 
 
 class Refused(InvalidInput):
@@ -57,14 +65,13 @@ def why_not_public(address: Address) -> str | None:
             return "an IPv4-mapped IPv6 address"
         if address in _SIX_TO_FOUR:
             return "a 6to4 address"
-    checks = (("unspecified", address.is_unspecified), ("loopback", address.is_loopback),
-              ("link-local", address.is_link_local), ("multicast", address.is_multicast),
-              ("carrier-grade NAT", address in _CGNAT),
-              ("unique local (ULA)", isinstance(address, ipaddress.IPv6Address) and address.is_private),
-              ("reserved", address.is_reserved), ("private", address.is_private))
+    checks = (("an unspecified", address.is_unspecified), ("a loopback", address.is_loopback),
+              ("a link-local", address.is_link_local), ("a multicast", address.is_multicast),
+              ("a carrier-grade NAT", address in _CGNAT), ("a unique local (ULA)", address in _ULA),
+              ("a reserved", address.is_reserved), ("a private or special-purpose", address.is_private))
     for name, hit in checks:
         if hit:
-            return f"a {name} address"
+            return f"{name} address"
     return None if address.is_global else "not a public address"
 
 
@@ -116,39 +123,78 @@ def check_url(url: str, settings: Settings, field: str = "url") -> Target:
         raise Refused("credentials in the URL are not allowed", field)
     if len(url) > 2000:
         raise Refused("URL longer than 2000 characters", field)
+    if bad := next((c for c in url if c.isspace() or unicodedata.category(c) == "Cc"), None):
+        raise Refused(f"contains the control or space character {bad!r} at position {url.index(bad)}: "
+                      "percent-encode it", field)
     try:
-        parts.hostname.encode("idna")
-    except UnicodeError:
-        raise Refused("the host name is not a valid domain name", field) from None
+        # The host as httpx will connect to it (IDNA 2008), which the check must be about.
+        host = httpx.URL(url).raw_host.decode("ascii")
+    except (httpx.InvalidURL, UnicodeError) as exc:
+        raise Refused(f"not a valid URL ({exc})", field) from None
     try:
-        addresses = checked_addresses(parts.hostname, port, settings)
+        addresses = checked_addresses(host, port, settings)
     except Refused as exc:
         raise Refused(exc.reason, field) from None
     plain_allowed = settings.environment != "production" or all(is_allowed(a, settings) for a in addresses)
     if parts.scheme == "http" and not plain_allowed:
         raise Refused("must be https (plain http only to addresses in STEP1X_OUTBOUND_ALLOW)", field)
-    return Target(url, parts.hostname, port)
+    return Target(url, host, port)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection that ends at its deadline: each read and write waits at most what is left."""
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float, budget: float) -> None:
+        self.inner, self.deadline, self.budget = inner, deadline, budget
+
+    def _left(self, timeout: float | None, expired: type[Exception]) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise expired(f"the exchange took longer than {self.budget:g} s in all")
+        return left if timeout is None else min(timeout, left)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self.inner.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self.inner.write(buffer, self._left(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        tls = self.inner.start_tls(ssl_context, server_hostname, self._left(timeout, httpcore.ConnectTimeout))
+        return _DeadlineStream(tls, self.deadline, self.budget)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self.inner.get_extra_info(info)
 
 
 class _CheckedBackend(httpcore.NetworkBackend):
-    """Resolves and checks at every connection, then connects to the checked address itself."""
+    """Resolves and checks at every connection, then connects to the checked address itself. A
+    connection serves one request (no keep-alive), so its deadline is the request's."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, budget: float) -> None:
+        self.settings, self.budget = settings, budget
         self.inner = httpcore.SyncBackend()
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
                     socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        deadline = time.monotonic() + self.budget
         addresses = checked_addresses(host, port, self.settings)
         error: Exception | None = None
         for address in addresses:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                return self.inner.connect_tcp(str(address), port, timeout=timeout, local_address=local_address,
-                                              socket_options=socket_options)
+                stream = self.inner.connect_tcp(str(address), port, min(timeout or left, left),
+                                                local_address=local_address, socket_options=socket_options)
+                return _DeadlineStream(stream, deadline, self.budget)
             except httpcore.ConnectError as exc:
                 error = exc
-        assert error is not None
-        raise error
+        raise error or httpcore.ConnectTimeout(f"could not connect within {self.budget:g} s")
 
     def sleep(self, seconds: float) -> None:
         self.inner.sleep(seconds)
@@ -161,15 +207,19 @@ def _ssl_context() -> ssl.SSLContext:
 
 
 class _CheckedTransport(httpx.HTTPTransport):
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, budget: float) -> None:
         super().__init__(verify=_ssl_context(), trust_env=False)
         # httpx builds its pool without a way to pass a network backend; rebuild it with ours. TLS
         # still verifies and sends SNI for the URL's host name: only the TCP address is ours.
-        self._pool = httpcore.ConnectionPool(ssl_context=_ssl_context(), network_backend=_CheckedBackend(settings),
+        self._pool = httpcore.ConnectionPool(ssl_context=_ssl_context(),
+                                             network_backend=_CheckedBackend(settings, budget),
                                              max_connections=8, max_keepalive_connections=0)
 
 
 def client(settings: Settings, timeout: float) -> httpx.Client:
-    """An httpx client that only reaches allowed addresses and never follows a redirect."""
-    return httpx.Client(transport=_CheckedTransport(settings), timeout=httpx.Timeout(timeout),
-                        follow_redirects=False, trust_env=False, headers={"User-Agent": "Step1X-Batch"})
+    """An httpx client that only reaches allowed addresses, never follows a redirect, asks for
+    uncompressed bodies, and gives each request `timeout` seconds in all, connect to last byte. Read
+    bodies with `iter_raw`: `iter_bytes` would still inflate a compressed one sent unasked."""
+    return httpx.Client(transport=_CheckedTransport(settings, timeout), timeout=httpx.Timeout(timeout),
+                        follow_redirects=False, trust_env=False,
+                        headers={"User-Agent": "Step1X-Batch", "Accept-Encoding": "identity"})

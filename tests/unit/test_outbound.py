@@ -1,14 +1,21 @@
-"""The guarded client's address rules and the Standard Webhooks signature, without any network:
-every URL here is an IP literal, checked and never connected to."""
+"""The guarded client's address rules and the Standard Webhooks signature: every URL checked is an
+IP literal, never connected to; the client's deadline and encoding rules talk to raw peers this
+module starts on 127.0.0.1."""
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import ipaddress
+import socket
+import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from standardwebhooks import Webhook
 
+from core import fetch, outbound
 from core.outbound import Refused, check_url, why_not_public
 from core.settings import Settings
 from core.webhooks import new_secret, sign
@@ -56,3 +63,83 @@ def test_signatures_verify_with_the_standardwebhooks_library() -> None:
         assert Webhook(secret).verify(body, headers) == {"type": "job.succeeded"}
     with pytest.raises(Exception, match="signature"):
         Webhook(new_secret()).verify(body, headers)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8080/a\x01b.png", "https://8.8.8.8/a\r\nX-Injected: 1",
+                                 "http://8.8.8.8\x00.example/", "http://127.0.0.1/a b.png", "https://8.8.8.8/\x7f",
+                                 "https://8.8.8.8/\u0085"])
+def test_control_and_space_characters_are_refused_naming_the_field(url: str) -> None:
+    # httpx refuses to send such a URL; accepted, it would fail at every attempt, never as a clear error.
+    with pytest.raises(Refused, match="control or space character") as refused:
+        check_url(url, Settings(outbound_allow="127.0.0.1/32"), "image")
+    assert refused.value.errors[0].field == "image"
+
+
+class _Peer:
+    """A raw HTTP peer on loopback that answers every connection with `talk(socket)`."""
+
+    def __init__(self, talk: Callable[[socket.socket], None]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.requests: list[bytes] = []
+        self.talk = talk
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            with conn:
+                self.requests.append(conn.recv(65536))
+                with contextlib.suppress(OSError):
+                    self.talk(conn)
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _trickle(conn: socket.socket) -> None:
+    """Headers one byte at a time, each well inside a 1 s read timeout, for about 20 s."""
+    for byte in b"HTTP/1.1 200 OK\r\n" + b"x-padding: " + b"a" * 100:
+        conn.sendall(bytes([byte]))
+        time.sleep(0.2)
+
+
+def _gzip_bomb(conn: socket.socket) -> None:
+    body = gzip.compress(gzip.compress(b"\0" * (64 << 20)))  # 64 MiB of zeros in a few hundred bytes
+    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip, gzip\r\ncontent-length: %d\r\n\r\n" % len(body) + body)
+
+
+def test_an_exchange_ends_at_the_client_timeout_in_all_however_slowly_the_peer_talks() -> None:
+    settings = Settings(outbound_allow="127.0.0.1/32", fetch_timeout=1)
+    peer = _Peer(_trickle)
+    try:
+        started = time.monotonic()
+        with outbound.client(settings, settings.fetch_timeout) as http, \
+                pytest.raises(fetch.Transient, match="timed out"):
+            fetch.download(http, f"{peer.url}/photo.png", settings)
+        assert time.monotonic() - started < 10  # the peer would have gone on for 20 s
+    finally:
+        peer.close()
+
+
+def test_bodies_are_asked_for_uncompressed_and_a_compressed_one_is_refused_unread() -> None:
+    settings = Settings(outbound_allow="127.0.0.1/32", fetch_timeout=5, max_upload_bytes=1 << 20)
+    peer = _Peer(_gzip_bomb)
+    try:
+        with outbound.client(settings, settings.fetch_timeout) as http, \
+                pytest.raises(fetch.Permanent, match="sent compressed"):
+            fetch.download(http, f"{peer.url}/photo.png", settings)
+        assert b"\r\naccept-encoding: identity\r\n" in peer.requests[0].lower()
+    finally:
+        peer.close()
+
+
+def test_a_url_the_client_cannot_send_fails_as_that_urls_own_failure() -> None:
+    # A URL stored before the checks above would make httpx raise InvalidURL, which is no HTTPError:
+    # it must fail its download, not escape and stop every other download of the pass.
+    settings = Settings(outbound_allow="127.0.0.1/32", fetch_timeout=1)
+    with outbound.client(settings, 1) as http, pytest.raises(fetch.Permanent, match="InvalidURL"):
+        fetch.download(http, "http://127.0.0.1:9/a\x01b.png", settings)
