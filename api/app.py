@@ -12,12 +12,13 @@ from contextlib import asynccontextmanager
 from functools import cache, partial
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi_offline import FastAPIOffline
 from pydantic import TypeAdapter
 
 from api import dashboard, errors, metrics
+from api.deps import path_ids_dep
 from api.guard import RequestGuard
 from api.routes import batches, files, health, jobs, listing, webhooks
 from api.throttle import AuthThrottle
@@ -58,7 +59,7 @@ def create_app(settings: Settings | None = None, migrate: bool = True) -> FastAP
     app.state.auth_throttle = AuthThrottle(settings)
     app.include_router(health.router)
     for router in (files.router, jobs.router, listing.router, batches.router, webhooks.router):
-        app.include_router(router, responses=errors.RESPONSES)
+        app.include_router(router, responses=errors.RESPONSES, dependencies=[Depends(path_ids_dep)])
     app.state.metrics = metrics.registry_for(settings)
     app.include_router(metrics.router)
     dashboard.install(app, settings)

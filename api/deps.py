@@ -51,13 +51,26 @@ def tenant_dep(request: Request, settings: Annotated[Settings, Depends(settings_
 # The shapes of the ids this API issues (core.tables.new_id, sha256 for files). Anything else is
 # answered 404 before it reaches a query: no NUL or other text PostgreSQL would refuse gets there.
 _IDS = {"job": re.compile(r"^job_[0-9a-f]{32}$"), "batch": re.compile(r"^bat_[0-9a-f]{32}$"),
-        "file": re.compile(r"^[0-9a-f]{64}$")}
+        "file": re.compile(r"^[0-9a-f]{64}$"), "webhook": re.compile(r"^whe_[0-9a-f]{32}$"),
+        "delivery": re.compile(r"^msg_[0-9a-f]{32}$")}
+# Path parameters and the kind of id each holds.
+_PATH_IDS = {"batch_id": "batch", "job_id": "job", "file_id": "file", "endpoint_id": "webhook",
+             "delivery_id": "delivery"}
 
 
 def known_id(kind: str, value: str) -> str:
     if not _IDS[kind].match(value):
         raise NotFound(f"{kind} {value[:80]!r} not found")
     return value
+
+
+def path_ids_dep(request: Request, _: Annotated[str, Depends(tenant_dep)]) -> None:
+    """Every id in the path has the shape of one this API issues, or the answer is 404. A dependency
+    of every /v1 router, so no route can forget it; after authentication, so a caller without a key
+    still gets 401."""
+    for name, value in request.path_params.items():
+        if kind := _PATH_IDS.get(name):
+            known_id(kind, value)
 
 
 def cursor_dep(cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None

@@ -8,6 +8,7 @@ including the auth dependency), never a plain-text 500.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -65,10 +66,18 @@ UNAVAILABLE: dict[type[Exception], str] = {
 }
 
 
+class _AsciiJSON(JSONResponse):
+    """Errors quote the input, which may hold a lone surrogate ("\\ud800" in the request's JSON):
+    UTF-8 cannot encode one, so the answer is written in ASCII with escapes, as valid JSON."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, errors: list[FieldError], detail: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorOut(detail=detail or "; ".join(str(e) for e in errors[:20]), errors=[e.as_dict() for e in errors])
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    return _AsciiJSON(body.model_dump(), status_code=status, headers=headers)
 
 
 def _validation_error(error: dict[str, Any]) -> FieldError:
@@ -96,6 +105,9 @@ def install(app: FastAPI, settings: Settings) -> None:
             return error_response(status, [FieldError(field, str(exc))])
         return handler
 
+    async def conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return error_response(409, [FieldError(exc.field, str(exc))])
+
     async def throttled(_: Request, exc: TooManyRequests) -> JSONResponse:
         return error_response(429, [FieldError(exc.field, str(exc))],
                               headers={"Retry-After": str(exc.retry_after)})
@@ -117,7 +129,7 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     handlers: list[tuple[type[Exception], Callable[..., Awaitable[JSONResponse]]]] = [
         (InvalidInput, invalid), (RequestValidationError, malformed), (HTTPException, http),
-        (NotFound, plain(404, "path")), (Conflict, plain(409, "Idempotency-Key")),
+        (NotFound, plain(404, "path")), (Conflict, conflict),
         (TooManyRequests, throttled), (sqlalchemy.exc.DataError, unstorable),
         *((error, unavailable(service)) for error, service in UNAVAILABLE.items())]
     for error, handler in handlers:

@@ -52,7 +52,8 @@ class RequestGuard:
         limit = self.limit(scope["path"])
         headers = Headers(scope=scope)
         length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses.
+        if length.isascii() and length.isdigit() and int(length) > limit:
             await error_response(413, [FieldError("body", BodyTooLarge(limit).detail)])(scope, receive, send)
             return
         received = 0

@@ -12,7 +12,7 @@ from core.errors import InvalidInput
 from core.settings import Settings
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"^\s*(\d+)\s*([smhd])\s*$")
+_DURATION = re.compile(r"^\s*([0-9]{1,12})\s*([smhd]?)\s*$")  # [0-9]: \d would also take "²", which int() refuses
 
 # (lowest, highest) seconds each term accepts.
 LIMITS = {"completion_window": (60, 30 * 86400), "output_ttl": (3600, 30 * 86400)}
@@ -31,10 +31,8 @@ def parse_duration(value: Any, field: str) -> int:
         raise InvalidInput("must be seconds or a duration like \"24h\", not a boolean", field)
     if isinstance(value, int):
         seconds = value
-    elif isinstance(value, str) and value.strip().isdigit():
-        seconds = int(value)
     elif isinstance(value, str) and (match := _DURATION.match(value)):
-        seconds = int(match.group(1)) * _UNITS[match.group(2)]
+        seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
     else:
         raise InvalidInput(f"{value!r} is not a duration: give seconds or a number with s, m, h or d "
                            "(\"24h\", \"7d\")", field)

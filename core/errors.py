@@ -70,7 +70,11 @@ class NotFound(Step1XError):
 
 
 class Conflict(Step1XError):
-    pass
+    """`field`: what clashes (the Idempotency-Key of a replay with another body, a batch's state)."""
+
+    def __init__(self, message: str, field: str) -> None:
+        self.field = field
+        super().__init__(message)
 
 
 class ServiceUnavailable(Step1XError):

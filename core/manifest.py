@@ -14,13 +14,19 @@ from typing import Any
 from core.errors import FieldError
 from core.limits import loads
 
+# Far above any valid item (its text fields are bounded at 2,000 characters each); past it a line is
+# refused without being kept, so one endless line costs neither memory nor parsing.
+MAX_LINE_BYTES = 256 * 1024
+_BOM = b"\xef\xbb\xbf"  # Windows editors and PowerShell start UTF-8 files with it
+
 
 class ManifestReader:
     """Feed bytes as they come; `take` the parsed items and the errors of bad lines so far."""
 
     def __init__(self, max_depth: int) -> None:
         self.max_depth = max_depth
-        self._tail = b""
+        self._tail = bytearray()  # the line under way; appended to, never rebuilt per chunk
+        self._overlong = False
         self._line = 0
         self._items: list[Any] = []
         self._errors: list[FieldError] = []
@@ -28,15 +34,30 @@ class ManifestReader:
 
     def feed(self, data: bytes) -> None:
         self._hash.update(data)
-        lines = (self._tail + data).split(b"\n")
-        self._tail = lines.pop()
-        for line in lines:
-            self._parse(line)
+        start = 0
+        while (end := data.find(b"\n", start)) != -1:
+            self._extend(data[start:end])
+            self._close_line()
+            start = end + 1
+        self._extend(data[start:])
 
     def end(self) -> None:
-        if self._tail:
-            self._parse(self._tail)
-            self._tail = b""
+        if self._tail or self._overlong:
+            self._close_line()
+
+    def _extend(self, part: bytes) -> None:
+        if self._overlong or len(self._tail) + len(part) > MAX_LINE_BYTES:
+            self._overlong, self._tail = True, bytearray()
+        else:
+            self._tail += part
+
+    def _close_line(self) -> None:
+        if self._overlong:
+            self._line += 1
+            self._errors.append(FieldError("item", f"longer than {MAX_LINE_BYTES:,} bytes", f"line {self._line}"))
+        else:
+            self._parse(bytes(self._tail))
+        self._tail, self._overlong = bytearray(), False
 
     @property
     def pending(self) -> int:
@@ -55,6 +76,8 @@ class ManifestReader:
     def _parse(self, raw: bytes) -> None:
         self._line += 1
         where = f"line {self._line}"
+        if self._line == 1 and raw.startswith(_BOM):
+            raw = raw[len(_BOM):]
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -96,7 +96,7 @@ def delete_batch(settings: Settings, storage: Storage, tenant: str, batch_id: st
         batch = get_batch(session, tenant, batch_id)
         if batch.finished_at is None:
             raise Conflict(f"batch {batch_id} is still running: cancel it first "
-                           f"(POST /v1/batches/{batch_id}/cancel), then delete it")
+                           f"(POST /v1/batches/{batch_id}/cancel), then delete it", "status")
     storage.delete_prefix(output_prefix(tenant, batch_id))
     with session_scope(settings.database_url) as session:
         session.execute(delete(Job).where(Job.batch_id == batch_id, Job.tenant_id == tenant))

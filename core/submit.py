@@ -140,7 +140,8 @@ def replayed(session: Session, tenant: str, key: str | None, digest: str) -> str
     if row is None:
         return None
     if row.request_hash != digest:
-        raise Conflict(f"Idempotency-Key {key!r} was used with a different request body: use a new key")
+        raise Conflict(f"Idempotency-Key {key!r} was used with a different request body: use a new key",
+                       "Idempotency-Key")
     return row.resource_id
 
 
@@ -198,7 +199,8 @@ class Submission:
             self._commit()
             assert self.earlier is not None
             if self.earlier.request_hash != digest:
-                raise Conflict(f"Idempotency-Key {self.key!r} was used with a different request body: use a new key")
+                raise Conflict(f"Idempotency-Key {self.key!r} was used with a different request body: use a new key",
+                               "Idempotency-Key")
             dispatch_undispatched(self.settings, self.tenant, self.earlier.resource_id)
             return self.earlier.resource_id, False
         try:

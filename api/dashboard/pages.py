@@ -150,7 +150,15 @@ async def login(request: Request, key: str = Form(""), next: str = Form("")) -> 
 
     principal = await run_in_threadpool(lookup) if key.strip() else None
     if principal is None:
-        return page(request, "login.html", {"viewer": None, "next": next, "error": "unknown or revoked API key"}, 401)
+        # The same count as the API's failed key checks: the login form is no way around it.
+        address = request.client.host if request.client else "unknown"
+        wait = await run_in_threadpool(request.app.state.auth_throttle.failed, address)
+        error, status = ("unknown or revoked API key", 401) if wait is None else \
+            (f"too many failed API-key checks from your address: retry in {wait} s", 429)
+        refused = page(request, "login.html", {"viewer": None, "next": next, "error": error}, status)
+        if wait is not None:
+            refused.headers["Retry-After"] = str(wait)
+        return refused
     value, _ = sign(request.app.state.session_secret, principal.key_id)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(COOKIE, value, max_age=MAX_AGE, httponly=True, samesite="strict", path="/dashboard",

@@ -9,7 +9,7 @@ from fastapi import APIRouter, BackgroundTasks, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import CursorDep, IdempotencyKey, SettingsDep, StorageDep, TenantDep, known_id
+from api.deps import CursorDep, IdempotencyKey, SettingsDep, StorageDep, TenantDep
 from api.schemas import DURATION_HELP, BatchIn, BatchOut, JobOut, JobPage
 from core import jobs, progress
 from core.catalog import BatchTerms
@@ -116,7 +116,6 @@ async def create_from_manifest(request: Request, tenant: TenantDep, settings: Se
 
 @router.get("/{batch_id}", response_model=BatchOut)
 def read(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
-    known_id("batch", batch_id)
     return _batch_out(settings, tenant, batch_id)
 
 
@@ -124,7 +123,6 @@ def read(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
 def list_jobs(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep,
               cursor: CursorDep, status: JobStatus | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> JobPage:
-    known_id("batch", batch_id)
     with session_scope(settings.database_url) as session:
         page = jobs.page(session, tenant, batch_id, status, cursor, limit)
         data = [JobOut.of(job, storage) for job in page]
@@ -135,7 +133,6 @@ def list_jobs(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: 
             responses={200: {"content": {"application/x-ndjson": {}}}})
 def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: StorageDep) -> StreamingResponse:
     """JSONL, one line per item: custom_id, job_id, status, output URL(s) or error, usage."""
-    known_id("batch", batch_id)
     with session_scope(settings.database_url) as session:
         jobs.get_batch(session, tenant, batch_id)  # 404 before streaming starts
 
@@ -161,7 +158,6 @@ def results(batch_id: str, tenant: TenantDep, settings: SettingsDep, storage: St
 @router.post("/{batch_id}/cancel", response_model=BatchOut)
 def cancel(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> BatchOut:
     """Cancel every job of the batch that has not finished; finished outputs stay available."""
-    known_id("batch", batch_id)
     with session_scope(settings.database_url) as session:
         jobs.cancel_batch(session, tenant, batch_id)
     return _batch_out(settings, tenant, batch_id)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, UploadFile
 
-from api.deps import SettingsDep, StorageDep, TenantDep, known_id
+from api.deps import SettingsDep, StorageDep, TenantDep
 from api.schemas import FileOut
 from core.db import session_scope
 from core.files import get_file, store_file
@@ -22,6 +22,5 @@ def upload(file: UploadFile, tenant: TenantDep, settings: SettingsDep, storage: 
 
 @router.get("/{file_id}", response_model=FileOut)
 def describe(file_id: str, tenant: TenantDep, settings: SettingsDep) -> FileOut:
-    known_id("file", file_id)
     with session_scope(settings.database_url) as session:
         return FileOut.of(get_file(session, tenant, file_id))

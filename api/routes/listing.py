@@ -12,6 +12,7 @@ from api.deps import SettingsDep, TenantDep
 from api.schemas import BatchOut
 from core import jobs, listing
 from core.db import session_scope
+from core.errors import InvalidInput
 from core.operate import retry_failed
 from core.usage import batch_usage
 
@@ -49,7 +50,8 @@ def list_batches(tenant: TenantDep, settings: SettingsDep,
                  cursor: str | None = None,
                  limit: Annotated[int, Query(ge=1, le=200)] = 50) -> BatchList:
     """Your batches, newest first, with progress, throughput and ETA."""
-    filters = listing.BatchFilter(status=status, created_from=_naive(created_from), created_to=_naive(created_to),
+    filters = listing.BatchFilter(status=status, created_from=_naive(created_from, "created_from"),
+                                  created_to=_naive(created_to, "created_to"),
                                   q=q or None)
     with session_scope(settings.database_url) as session:
         page, next_cursor = listing.list_batches(session, tenant, filters, cursor, limit)
@@ -66,8 +68,11 @@ def retry(batch_id: str, tenant: TenantDep, settings: SettingsDep) -> RetryOut:
         return RetryOut(retried=retried, batch=BatchOut.of(batch, status, counts, batch_usage(session, batch.id)))
 
 
-def _naive(value: datetime | None) -> datetime | None:
+def _naive(value: datetime | None, field: str) -> datetime | None:
     """Stored times are naive UTC; an aware query value is converted to it."""
     if value is None or value.tzinfo is None:
         return value
-    return value.astimezone(UTC).replace(tzinfo=None)
+    try:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    except OverflowError:  # 0001-01-01T00:00+14:00 is before year 1 in UTC
+        raise InvalidInput("is outside the years 1 to 9999 once converted to UTC", field) from None

@@ -172,7 +172,7 @@ def test_malformed_requests_get_422s_naming_the_field(settings):
         assert response.status_code == 422, response.text
         assert response.json()["errors"][0]["field"] == field
     # FastAPI's own validation answers in the same shape
-    response = client.get("/v1/batches/bat_x/jobs", params={"limit": 5000})
+    response = client.get(f"/v1/batches/bat_{'0' * 32}/jobs", params={"limit": 5000})
     assert response.status_code == 422
     assert response.json()["errors"][0]["field"] == "query.limit"
     assert job_count(settings) == 0

@@ -165,6 +165,34 @@ CASES: list[tuple[str, Callable[[Ctx], httpx.Response], int, set[tuple[str | Non
     ("16-bit-png", lambda c: file(image_bytes(Image.fromarray(np.full((8, 8), 4000, np.uint16))))(c),
      422, {(None, "file")}),
     ("gif", lambda c: file(image_bytes(Image.new("P", (8, 8)), "GIF"))(c), 422, {(None, "file")}),
+    # digits str.isdigit() takes and int() does not, or not at that length
+    ("window-superscript-two", batch(gen(), completion_window="²"), 422, {(None, "completion_window")}),
+    ("window-arabic-indic-digits", batch(gen(), output_ttl="٣٦٠٠"), 422, {(None, "output_ttl")}),
+    ("window-of-5000-digits", batch(gen(), completion_window="9" * 5000), 422, {(None, "completion_window")}),
+    ("manifest-window-superscript", lambda c: c.client.post(
+        "/v1/batches/manifest", content=GOOD.encode(), params={"completion_window": "²"},
+        headers={"Content-Type": "application/x-ndjson"}), 422, {(None, "completion_window")}),
+    # text UTF-8 cannot encode, quoted back in the error
+    ("lone-surrogate-custom-id", raw_batch('{"items": [{"custom_id": "\\ud800", "kind": "generate", '
+                                           '"prompt": "x"}]}'), 422, {("\ud800", "custom_id")}),
+    ("lone-surrogate-manifest-line", manifest('{"custom_id": "\\ud800", "kind": "generate", "prompt": "x"}\n'),
+     422, {("\ud800", "custom_id")}),
+    # dates that leave the calendar once converted to UTC
+    ("created-from-before-year-1", lambda c: c.client.get(
+        "/v1/batches", params={"created_from": "0001-01-01T00:00:00+14:00"}), 422, {(None, "created_from")}),
+    ("created-to-after-year-9999", lambda c: c.client.get(
+        "/v1/batches", params={"created_to": "9999-12-31T23:59:59-14:00"}), 422, {(None, "created_to")}),
+    # every id in a path is shape-checked, on every route
+    ("nul-in-retried-batch-id", lambda c: c.client.post("/v1/batches/bat_%00/retry"), 404, {(None, "path")}),
+    ("nul-in-deleted-batch-id", lambda c: c.client.delete("/v1/batches/bat_%00"), 404, {(None, "path")}),
+    ("nul-in-webhook-id", lambda c: c.client.get("/v1/webhooks/whe_%00"), 404, {(None, "path")}),
+    ("nul-in-delivery-id", lambda c: c.client.post(f"/v1/webhooks/whe_{ID}/deliveries/msg_%00/redeliver"),
+     404, {(None, "path")}),
+    # URLs httpx would refuse to send, refused when they arrive
+    ("control-character-in-url-input", batch({"custom_id": "a", "kind": "upscale", "model": "lanczos-x4",
+                                              "image": "http://127.0.0.1:9/a\x01b.png"}), 422, {("a", "image")}),
+    ("line-break-in-webhook-url", lambda c: c.client.post(
+        "/v1/webhooks", json={"url": "https://8.8.8.8/a\r\nX-Injected: 1"}), 422, {(None, "url")}),
 ]
 
 
@@ -232,6 +260,24 @@ def test_cmyk_photos_alpha_masks_nul_and_unicode_are_accepted_and_read_back(smal
     assert page["data"][0]["spec"]["prompt"] == text
 
 
+def test_a_manifest_saved_by_a_windows_editor_is_read_like_any_other(small: Settings, ctx: Ctx) -> None:
+    body = "\ufeff" + GOOD + "\r\n" + GOOD.replace('"a"', '"b"') + "\r\n"  # a byte-order mark and CRLF
+    response = ctx.client.post("/v1/batches/manifest", content=body.encode(),
+                               headers={"Content-Type": "application/x-ndjson"})
+    assert response.status_code == 202, response.text
+    assert response.json()["counts"]["queued"] == 2
+
+
+def test_a_conflict_names_what_clashes(small: Settings, ctx: Ctx) -> None:
+    running = ctx.client.post("/v1/batches", json={"items": [gen()]}).json()["id"]
+    refused = ctx.client.delete(f"/v1/batches/{running}")
+    assert refused.status_code == 409 and refused.json()["errors"][0]["field"] == "status", refused.text
+    first = ctx.client.post("/v1/batches", json={"items": [gen()]}, headers={"Idempotency-Key": "k1"})
+    assert first.status_code == 202
+    clash = ctx.client.post("/v1/batches", json={"items": [gen(prompt="other")]}, headers={"Idempotency-Key": "k1"})
+    assert clash.status_code == 409 and clash.json()["errors"][0]["field"] == "Idempotency-Key", clash.text
+
+
 def test_odd_custom_ids_are_safe_in_download_urls_and_step1x_results_gets_them(
         small: Settings, live: tuple[str, int, str], tmp_path) -> None:
     settings = small
@@ -269,6 +315,10 @@ def test_failed_keys_are_throttled_per_address_across_api_processes(settings: Se
     assert response.status_code == 429 and 0 < int(response.headers["Retry-After"]) <= 60
     assert response.json()["errors"][0]["field"] == "Authorization"
     assert first.get(f"/v1/jobs/job_{ID}").status_code == 404  # a valid key from the same address passes
+    # The dashboard's login form checks keys too: it answers from the same count.
+    login = second.post("/dashboard/login", data={"key": "sk_wrong"}, follow_redirects=False)
+    assert login.status_code == 429 and 0 < int(login.headers["Retry-After"]) <= 60
+    assert "too many failed API-key checks" in login.text
 
 
 @pytest.fixture
