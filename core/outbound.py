@@ -92,6 +92,28 @@ def resolve(host: str, port: int) -> list[Address]:
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
 
 
+# Verdicts of recent submission checks, by host, port and allow list: a catalog names thousands of
+# URLs on one host, and each lookup may be a DNS round trip. Only for the check at submission; every
+# connection resolves and checks afresh.
+_VERDICTS: dict[tuple[str, int, str], tuple[float, list[Address] | Refused]] = {}
+_VERDICT_SECONDS, _VERDICTS_KEPT = 60.0, 4096
+
+
+def _submitted_host(host: str, port: int, settings: Settings) -> list[Address]:
+    key, now = (host.lower(), port, settings.outbound_allow), time.monotonic()
+    if (known := _VERDICTS.get(key)) is None or now - known[0] > _VERDICT_SECONDS:
+        try:
+            verdict: list[Address] | Refused = checked_addresses(host, port, settings)
+        except Refused as exc:
+            verdict = exc
+        if len(_VERDICTS) >= _VERDICTS_KEPT:
+            _VERDICTS.clear()
+        _VERDICTS[key] = known = (now, verdict)
+    if isinstance(known[1], Refused):
+        raise Refused(known[1].reason)
+    return known[1]
+
+
 def checked_addresses(host: str, port: int, settings: Settings) -> list[Address]:
     """Every address the host resolves to, if all are allowed; Refused naming the first that is not."""
     addresses = resolve(host, port)
@@ -132,7 +154,7 @@ def check_url(url: str, settings: Settings, field: str = "url") -> Target:
     except (httpx.InvalidURL, UnicodeError) as exc:
         raise Refused(f"not a valid URL ({exc})", field) from None
     try:
-        addresses = checked_addresses(host, port, settings)
+        addresses = _submitted_host(host, port, settings)
     except Refused as exc:
         raise Refused(exc.reason, field) from None
     plain_allowed = settings.environment != "production" or all(is_allowed(a, settings) for a in addresses)

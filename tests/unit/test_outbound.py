@@ -143,3 +143,20 @@ def test_a_url_the_client_cannot_send_fails_as_that_urls_own_failure() -> None:
     settings = Settings(outbound_allow="127.0.0.1/32", fetch_timeout=1)
     with outbound.client(settings, 1) as http, pytest.raises(fetch.Permanent, match="InvalidURL"):
         fetch.download(http, "http://127.0.0.1:9/a\x01b.png", settings)
+
+
+def test_a_catalog_of_urls_on_one_host_looks_the_host_up_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    lookups: list[str] = []
+    real = socket.getaddrinfo
+
+    def counted(host: str, *args: object, **kwargs: object) -> object:
+        lookups.append(host)
+        return real(host, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(socket, "getaddrinfo", counted)
+    settings = Settings(outbound_allow="127.0.0.0/8,::1/128")
+    for i in range(500):
+        check_url(f"http://localhost:8080/p/{i}.png", settings)  # /etc/hosts: no DNS query leaves
+    assert lookups == ["localhost"]
+    with pytest.raises(Refused, match="loopback"):  # the verdict is per allow list
+        check_url("http://localhost:8080/p/1.png", Settings(outbound_allow="10.0.0.0/8"))
