@@ -44,6 +44,8 @@ def inspect_image(data: bytes, settings: Settings, field: str = "file") -> Image
     try:
         with Image.open(io.BytesIO(data)) as img:
             fmt, (width, height), mode = img.format or "", img.size, img.mode
+            if fmt == "MPO":  # a JPEG with more pictures after it (phones, cameras): the first is the photo
+                fmt = "JPEG"
             if fmt not in FORMATS:
                 raise InvalidImage(f"{fmt or 'unknown'} images are not accepted: upload PNG, JPEG or WebP", field)
             if max(width, height) > settings.max_image_side:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 from core.errors import FieldError
@@ -66,7 +67,10 @@ def loads(data: str | bytes, max_depth: int) -> Any:
     except RecursionError:
         raise json.JSONDecodeError(f"nested deeper than {max_depth} levels", data, 0) from None
     except ValueError as exc:  # our rejections above, and integers over Python's digit limit
-        raise json.JSONDecodeError(str(exc), data, 0) from None
+        message = str(exc)
+        if "int_max_str_digits" in message:  # Python's own words name a Python setting
+            message = f"an integer of more than {sys.get_int_max_str_digits()} digits"
+        raise json.JSONDecodeError(message, data, 0) from None
     # Nesting never exceeds the count of opening brackets (those inside strings only add to it):
     # a typical catalog line has two or three, and skips the walk.
     if data.count("{") + data.count("[") > max_depth and depth(value, max_depth) > max_depth:
@@ -84,6 +88,8 @@ def check_metadata(value: Any, settings: Settings, field: str = "metadata", item
         return [FieldError(field, f"nested deeper than {settings.max_json_depth} levels", item)]
     try:
         size = len(json.dumps(value, allow_nan=False, ensure_ascii=False).encode())
+    except UnicodeEncodeError:  # a ValueError too: first
+        return [FieldError(field, "text that is not valid Unicode (a lone surrogate such as \\ud800)", item)]
     except ValueError:
         return [FieldError(field, "NaN and Infinity are not valid JSON: send finite numbers or null", item)]
     except TypeError as exc:
