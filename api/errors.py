@@ -83,8 +83,10 @@ def error_response(status: int, errors: list[FieldError], detail: str | None = N
 def _validation_error(error: dict[str, Any]) -> FieldError:
     if error["type"] == "json_invalid":  # its loc is a character offset, not a field
         return FieldError("body", f"not valid JSON: {error.get('ctx', {}).get('error', error['msg'])}")
-    field = ".".join(str(p) for p in error["loc"] if p != "body")
-    return FieldError(field or "body", error["msg"])
+    loc = [p for p in error["loc"] if p != "body"]
+    if len(loc) >= 2 and loc[0] == "items" and isinstance(loc[1], int):  # one item: named as "#index"
+        return FieldError(".".join(str(p) for p in loc[2:]) or "item", error["msg"], f"#{loc[1]}")
+    return FieldError(".".join(str(p) for p in loc) or "body", error["msg"])
 
 
 def install(app: FastAPI, settings: Settings) -> None:

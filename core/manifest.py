@@ -93,7 +93,9 @@ class ManifestReader:
             return
         if not isinstance(item, dict):
             self._errors.append(FieldError("item", "must be a JSON object", where))
-        elif not isinstance(item.get("custom_id"), str) or not item["custom_id"]:
+        elif "custom_id" in item and not isinstance(item["custom_id"], str):
+            self._errors.append(FieldError("custom_id", "must be a string", where))
+        elif not item.get("custom_id"):
             self._errors.append(FieldError("custom_id", "every batch item needs a custom_id", where))
         else:
             self._items.append(item)

@@ -149,6 +149,9 @@ CASES: list[tuple[str, Callable[[Ctx], httpx.Response], int, set[tuple[str | Non
     # the error shape: every error listed, JSON errors located, no Python reprs
     ("duplicate-beside-other-errors", batch(gen(), gen(steps=0)), 422, {("a", "custom_id"), ("a", "steps")}),
     ("no-items", batch(), 422, {(None, "items")}),
+    ("item-not-an-object", raw_batch(f'{{"items": [{GOOD}, 7]}}'), 422, {("#1", "item")}),
+    ("manifest-custom-id-a-number", manifest('{"custom_id": 5, "kind": "generate", "prompt": "x"}\n'),
+     422, {("line 1", "custom_id")}),
     ("malformed-json", raw_batch('{"items": [1,]}'), 422, {(None, "body")}),
     ("not-utf8-json", lambda c: c.client.post("/v1/batches", content=b'{"items": ["\xff"]}',
                                               headers={"Content-Type": "application/json"}), 422, {(None, "body")}),
