@@ -59,7 +59,7 @@ _PATH_IDS = {"batch_id": "batch", "job_id": "job", "file_id": "file", "endpoint_
 
 
 def known_id(kind: str, value: str) -> str:
-    if not _IDS[kind].match(value):
+    if not _IDS[kind].fullmatch(value):
         raise NotFound(f"{kind} {value[:80]!r} not found")
     return value
 
@@ -77,7 +77,7 @@ def cursor_dep(cursor: Annotated[str | None, Query(description="`next_cursor` of
                ) -> str | None:
     if not cursor:
         return None
-    if not _IDS["job"].match(cursor):
+    if not _IDS["job"].fullmatch(cursor):
         raise InvalidInput("not a cursor this API issued: pass the `next_cursor` of the previous page", "cursor")
     return cursor
 

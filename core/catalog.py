@@ -31,7 +31,7 @@ def parse_duration(value: Any, field: str) -> int:
         raise InvalidInput("must be seconds or a duration like \"24h\", not a boolean", field)
     if isinstance(value, int):
         seconds = value
-    elif isinstance(value, str) and (match := _DURATION.match(value)):
+    elif isinstance(value, str) and (match := _DURATION.fullmatch(value)):
         seconds = int(match.group(1)) * _UNITS[match.group(2) or "s"]
     else:
         raise InvalidInput(f"{value!r} is not a duration: give seconds or a number with s, m, h or d "

@@ -72,7 +72,7 @@ class NotFound(Step1XError):
 class Conflict(Step1XError):
     """`field`: what clashes (the Idempotency-Key of a replay with another body, a batch's state)."""
 
-    def __init__(self, message: str, field: str) -> None:
+    def __init__(self, message: str, field: str = "request") -> None:
         self.field = field
         super().__init__(message)
 

@@ -119,8 +119,8 @@ def download(http: httpx.Client, url: str, settings: Settings) -> bytes:
                 raise Transient(f"answered HTTP {code}")
             if code != 200:
                 raise Permanent(f"answered HTTP {code}")
-            encoding = response.headers.get("content-encoding", "identity").strip().lower()
-            if encoding != "identity":
+            encoding = response.headers.get("content-encoding", "")
+            if any(token.strip().lower() not in ("", "identity") for token in encoding.split(",")):
                 raise Permanent(f"was sent compressed (Content-Encoding: {encoding[:50]}) although asked "
                                 "for identity: images are fetched uncompressed")
             limit = settings.max_upload_bytes

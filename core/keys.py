@@ -35,7 +35,7 @@ def hash_key(key: str) -> str:
 
 def create_key(session: Session, tenant: str, operator: bool = False) -> str:
     """A new key for `tenant` (created if new). The key is shown once: only its hash is kept."""
-    if not TENANT_NAME.match(tenant):
+    if not TENANT_NAME.fullmatch(tenant):
         raise InvalidInput("use 1-64 lower-case letters, digits, '-' or '_'", "tenant")
     if session.get(Tenant, tenant) is None:
         session.add(Tenant(id=tenant))

@@ -21,7 +21,6 @@ import ipaddress
 import socket
 import ssl
 import time
-import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -92,31 +91,30 @@ def resolve(host: str, port: int) -> list[Address]:
     return list(dict.fromkeys(ipaddress.ip_address(info[4][0]) for info in infos))
 
 
-# Verdicts of recent submission checks, by host, port and allow list: a catalog names thousands of
-# URLs on one host, and each lookup may be a DNS round trip. Only for the check at submission; every
-# connection resolves and checks afresh.
-_VERDICTS: dict[tuple[str, int, str], tuple[float, list[Address] | Refused]] = {}
-_VERDICT_SECONDS, _VERDICTS_KEPT = 60.0, 4096
+# Recent lookups of the check at submission, by host and port: a catalog names thousands of URLs on
+# one host, and each lookup may be a DNS round trip. Only successful lookups are kept (a failed one
+# may be a blip); the allow list is applied afresh each time, and every connection resolves anew.
+_LOOKUPS: dict[tuple[str, int], tuple[float, list[Address]]] = {}
+_LOOKUP_SECONDS, _LOOKUPS_KEPT = 60.0, 4096
 
 
 def _submitted_host(host: str, port: int, settings: Settings) -> list[Address]:
-    key, now = (host.lower(), port, settings.outbound_allow), time.monotonic()
-    if (known := _VERDICTS.get(key)) is None or now - known[0] > _VERDICT_SECONDS:
-        try:
-            verdict: list[Address] | Refused = checked_addresses(host, port, settings)
-        except Refused as exc:
-            verdict = exc
-        if len(_VERDICTS) >= _VERDICTS_KEPT:
-            _VERDICTS.clear()
-        _VERDICTS[key] = known = (now, verdict)
-    if isinstance(known[1], Refused):
-        raise Refused(known[1].reason)
-    return known[1]
+    key, now = (host.lower(), port), time.monotonic()
+    known = _LOOKUPS.get(key)
+    if known is None or now - known[0] > _LOOKUP_SECONDS:
+        known = (now, resolve(host, port))
+        if len(_LOOKUPS) >= _LOOKUPS_KEPT:
+            _LOOKUPS.clear()
+        _LOOKUPS[key] = known
+    return _allowed(host, known[1], settings)
 
 
 def checked_addresses(host: str, port: int, settings: Settings) -> list[Address]:
     """Every address the host resolves to, if all are allowed; Refused naming the first that is not."""
-    addresses = resolve(host, port)
+    return _allowed(host, resolve(host, port), settings)
+
+
+def _allowed(host: str, addresses: list[Address], settings: Settings) -> list[Address]:
     if not addresses:
         raise Refused(f"host {host!r} has no address")
     for address in addresses:
@@ -145,8 +143,9 @@ def check_url(url: str, settings: Settings, field: str = "url") -> Target:
         raise Refused("credentials in the URL are not allowed", field)
     if len(url) > 2000:
         raise Refused("URL longer than 2000 characters", field)
-    if bad := next((c for c in url if c.isspace() or unicodedata.category(c) == "Cc"), None):
-        raise Refused(f"contains the control or space character {bad!r} at position {url.index(bad)}: "
+    # httpx refuses ASCII control characters (it percent-encodes spaces and any other character).
+    if bad := next((c for c in url if c.isascii() and not c.isprintable()), None):
+        raise Refused(f"contains the control character {bad!r} at position {url.index(bad)}: "
                       "percent-encode it", field)
     try:
         # The host as httpx will connect to it (IDNA 2008), which the check must be about.
@@ -179,14 +178,20 @@ class _DeadlineStream(httpcore.NetworkStream):
         return self.inner.read(max_bytes, self._left(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self.inner.write(buffer, self._left(timeout, httpcore.WriteTimeout))
+        # In pieces: the inner stream gives each send the whole timeout it is handed.
+        for start in range(0, len(buffer), 65536):
+            self.inner.write(buffer[start:start + 65536], self._left(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
         self.inner.close()
 
     def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
-        tls = self.inner.start_tls(ssl_context, server_hostname, self._left(timeout, httpcore.ConnectTimeout))
+        try:
+            tls = self.inner.start_tls(ssl_context, server_hostname, self._left(timeout, httpcore.ConnectTimeout))
+        except Exception:
+            self.inner.close()
+            raise
         return _DeadlineStream(tls, self.deadline, self.budget)
 
     def get_extra_info(self, info: str) -> Any:
@@ -214,7 +219,7 @@ class _CheckedBackend(httpcore.NetworkBackend):
                 stream = self.inner.connect_tcp(str(address), port, min(timeout or left, left),
                                                 local_address=local_address, socket_options=socket_options)
                 return _DeadlineStream(stream, deadline, self.budget)
-            except httpcore.ConnectError as exc:
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:  # try the next address
                 error = exc
         raise error or httpcore.ConnectTimeout(f"could not connect within {self.budget:g} s")
 

@@ -149,6 +149,8 @@ async def login(request: Request, key: str = Form(""), next: str = Form("")) -> 
             return principal_for(session, key.strip())
 
     principal = await run_in_threadpool(lookup) if key.strip() else None
+    if principal is None and not key.strip():  # no key at all: not a failed check, as in the API
+        return page(request, "login.html", {"viewer": None, "next": next, "error": "enter an API key"}, 401)
     if principal is None:
         # The same count as the API's failed key checks: the login form is no way around it.
         address = request.client.host if request.client else "unknown"

@@ -188,6 +188,7 @@ CASES: list[tuple[str, Callable[[Ctx], httpx.Response], int, set[tuple[str | Non
     ("created-to-after-year-9999", lambda c: c.client.get(
         "/v1/batches", params={"created_to": "9999-12-31T23:59:59-14:00"}), 422, {(None, "created_to")}),
     # every id in a path is shape-checked, on every route
+    ("newline-after-a-well-shaped-job-id", lambda c: c.client.get(f"/v1/jobs/job_{ID}%0A"), 404, {(None, "path")}),
     ("nul-in-retried-batch-id", lambda c: c.client.post("/v1/batches/bat_%00/retry"), 404, {(None, "path")}),
     ("nul-in-deleted-batch-id", lambda c: c.client.delete("/v1/batches/bat_%00"), 404, {(None, "path")}),
     ("nul-in-webhook-id", lambda c: c.client.get("/v1/webhooks/whe_%00"), 404, {(None, "path")}),
