@@ -8,7 +8,6 @@ draining workers affect every tenant, so they need an operator key.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from urllib.parse import quote
 
 from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
@@ -17,7 +16,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from api.dashboard import deliveries, views
-from api.dashboard.pages import page
+from api.dashboard.pages import page, with_notice
 from api.dashboard.session import Viewer, ViewerDep, check_csrf, require_operator
 from core import delivery, jobs, listing, monitor, operate, pauses
 from core.db import session_scope
@@ -167,4 +166,4 @@ async def act(request: Request, viewer: ViewerDep, action: str, target: str = Fo
         back, done = await run_in_threadpool(run)
     except (NotFound, InvalidInput) as exc:
         raise HTTPException(404, str(exc)) from None
-    return RedirectResponse(f"{back}?notice={quote(done)}", status_code=303)
+    return with_notice(RedirectResponse(back, status_code=303), request, done)

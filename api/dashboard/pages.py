@@ -13,6 +13,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, unquote
 
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
@@ -57,10 +58,25 @@ async def serve(request: Request, viewer: views.Viewer, name: str, view: Callabl
     return page(request, f"{name}.html", {**context, "viewer": viewer, "params": params})
 
 
+# What the last action did, shown once on the page it leads to. A short-lived cookie, not a query
+# parameter: a link from elsewhere could put any text in a parameter; it cannot set this cookie.
+NOTICE_COOKIE = "step1x_notice"
+
+
 def page(request: Request, template: str, context: dict[str, Any], status: int = 200) -> HTMLResponse:
-    response = templates.TemplateResponse(request, template, {**context, "notice": request.query_params.get("notice")},
+    notice = request.cookies.get(NOTICE_COOKIE)
+    response = templates.TemplateResponse(request, template,
+                                          {**context, "notice": unquote(notice) if notice else None},
                                           status_code=status)
     response.headers["Cache-Control"] = "no-store"
+    if notice is not None:
+        response.delete_cookie(NOTICE_COOKIE, path="/dashboard")
+    return response
+
+
+def with_notice(response: Response, request: Request, text: str) -> Response:
+    response.set_cookie(NOTICE_COOKIE, quote(text), max_age=60, httponly=True, samesite="strict", path="/dashboard",
+                        secure=request.url.scheme == "https")
     return response
 
 

@@ -158,8 +158,13 @@ def test_actions_need_the_csrf_token_and_say_what_they_touch(settings):
 
     done = client.post("/dashboard/actions/cancel-batch", data={"target": batch_id, "csrf": csrf},
                        follow_redirects=False)
-    assert done.status_code == 303 and "canceled%204%20jobs" in done.headers["location"]
+    assert done.status_code == 303 and "notice" not in done.headers["location"]
     assert acme.get(f"/v1/batches/{batch_id}").json()["status"] == "canceled"
+    # What it did shows once, on the page it leads to; text in a link's query never does.
+    assert "canceled 4 jobs" in client.get(done.headers["location"]).text
+    assert "canceled 4 jobs" not in client.get(done.headers["location"]).text
+    forged = client.get("/dashboard", params={"notice": "Session expired: log in again at evil.example"})
+    assert "evil.example" not in forged.text
 
     assert client.post("/dashboard/logout", data={"csrf": csrf}).status_code == 200  # back on the login page
     assert client.get("/dashboard", follow_redirects=False).status_code == 303
