@@ -307,7 +307,7 @@ def test_webhook_pages_show_the_attempt_log_to_its_tenant_only(outbound, monkeyp
         broker.delete("control")
         done = client.post("/dashboard/actions/redeliver", data={"target": ids["ok"][0], "csrf": csrf},
                            follow_redirects=False)
-        assert done.status_code == 303 and done.headers["location"].startswith(f"/dashboard/webhooks/{hooks['ok']}?")
+        assert done.status_code == 303 and done.headers["location"] == f"/dashboard/webhooks/{hooks['ok']}"
         assert broker.llen("control") == 1  # handed to the control process, as the API's redeliver does
         seen = len(receiver.seen)
         assert deliver(outbound, ids["ok"][0], burst=1) == "succeeded"
