@@ -10,7 +10,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.throttle import AuthThrottle
 from core.db import session_scope
-from core.errors import InvalidInput, NotFound, TooManyRequests
+from core.errors import InvalidInput, NotFound
 from core.keys import tenant_for
 from core.settings import Settings
 from core.storage import Storage
@@ -40,10 +40,7 @@ def tenant_dep(request: Request, settings: Annotated[Settings, Depends(settings_
         tenant = tenant_for(session, credentials.credentials.strip())
     if tenant is None:
         throttle: AuthThrottle = request.app.state.auth_throttle
-        wait = throttle.failed(request.client.host if request.client else "unknown")
-        if wait is not None:
-            raise TooManyRequests(f"too many failed API-key checks from your address: retry in {wait} s", wait,
-                                  field="Authorization")
+        throttle.count_failure(request)
         raise HTTPException(401, "unknown or revoked API key", headers={"WWW-Authenticate": "Bearer"})
     return tenant
 

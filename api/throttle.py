@@ -14,7 +14,9 @@ from __future__ import annotations
 import logging
 
 import redis
+from starlette.requests import Request
 
+from core.errors import TooManyRequests
 from core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,6 +27,14 @@ class AuthThrottle:
         self.limit = settings.auth_failure_limit
         self.window = settings.auth_failure_window
         self.client = redis.Redis.from_url(settings.redis_url, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+    def count_failure(self, request: Request) -> None:
+        """Count a failed key check of `request`'s address; TooManyRequests once it is over the limit.
+        The API and the dashboard's login form both count here."""
+        wait = self.failed(request.client.host if request.client else "unknown")
+        if wait is not None:
+            raise TooManyRequests(f"too many failed API-key checks from your address: retry in {wait} s", wait,
+                                  field="Authorization")
 
     def failed(self, address: str) -> int | None:
         """Count one failure from `address`; the seconds it must wait if it is now over the limit."""

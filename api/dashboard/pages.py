@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from api.dashboard import deliveries, formats, views
 from api.dashboard.session import COOKIE, MAX_AGE, ViewerDep, check_csrf, current_viewer, sign
 from core.db import session_scope
-from core.errors import InvalidInput, NotFound
+from core.errors import InvalidInput, NotFound, TooManyRequests
 from core.keys import principal_for
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
@@ -164,19 +164,17 @@ async def login(request: Request, key: str = Form(""), next: str = Form("")) -> 
         with session_scope(settings.database_url) as session:
             return principal_for(session, key.strip())
 
-    principal = await run_in_threadpool(lookup) if key.strip() else None
-    if principal is None and not key.strip():  # no key at all: not a failed check, as in the API
+    if not key.strip():  # no key at all: not a failed check, as in the API
         return page(request, "login.html", {"viewer": None, "next": next, "error": "enter an API key"}, 401)
+    principal = await run_in_threadpool(lookup)
     if principal is None:
-        # The same count as the API's failed key checks: the login form is no way around it.
-        address = request.client.host if request.client else "unknown"
-        wait = await run_in_threadpool(request.app.state.auth_throttle.failed, address)
-        error, status = ("unknown or revoked API key", 401) if wait is None else \
-            (f"too many failed API-key checks from your address: retry in {wait} s", 429)
-        refused = page(request, "login.html", {"viewer": None, "next": next, "error": error}, status)
-        if wait is not None:
-            refused.headers["Retry-After"] = str(wait)
-        return refused
+        try:  # the API's count of failed key checks: the login form is no way around it
+            await run_in_threadpool(request.app.state.auth_throttle.count_failure, request)
+        except TooManyRequests as exc:
+            refused = page(request, "login.html", {"viewer": None, "next": next, "error": str(exc)}, 429)
+            refused.headers["Retry-After"] = str(exc.retry_after)
+            return refused
+        return page(request, "login.html", {"viewer": None, "next": next, "error": "unknown or revoked API key"}, 401)
     value, _ = sign(request.app.state.session_secret, principal.key_id)
     response = RedirectResponse(_safe_next(next), status_code=303)
     response.set_cookie(COOKIE, value, max_age=MAX_AGE, httponly=True, samesite="strict", path="/dashboard",
