@@ -33,7 +33,7 @@ from sqlalchemy import select
 
 from bench.spread import spread, spread_text
 from bench.stack import BenchStack
-from bench.worker import GENERATE, run_batch, tagged_items
+from bench.worker import GENERATE, generate_requests, run_batch, tagged_items
 from core.db import session_scope
 from core.tables import Job
 
@@ -66,12 +66,10 @@ def _engine_images_per_s(stack: BenchStack, batch_ids: list[str]) -> float:
 
 
 def _raw(stack: BenchStack) -> float:
-    from models.engine import ImageRequest
     from models.profiles import create_engine
 
     engine = create_engine("tiny-sd", stack.settings)
-    requests = [ImageRequest(kind="generate", prompt=str(GENERATE["prompt"]), width=64, height=64, steps=10, seed=i)
-                for i in range(SIZE)]
+    requests = generate_requests(SIZE)
     engine.run(requests)  # warm
     started = time.perf_counter()
     for _ in range(STREAMED // SIZE):

@@ -71,10 +71,17 @@ def tagged_items(n: int, tag: str, **spec: Any) -> list[dict[str, Any]]:
     return [{"custom_id": f"{tag}-{i}", **spec, "seed": i} for i in range(n)]
 
 
+def generate_requests(n: int) -> list[Any]:
+    """The engine requests of `n` GENERATE jobs with seeds 0..n-1, as the worker builds them."""
+    from models.engine import ImageRequest
+
+    return [ImageRequest(kind="generate", prompt=str(GENERATE["prompt"]), width=64, height=64, steps=10, seed=i)
+            for i in range(n)]
+
+
 def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
     from core.dispatch import cut, plan
     from core.specs import parse_item
-    from models.engine import ImageRequest
     from models.profiles import create_engine
 
     run_batch(client, tagged_items(16, "warm", **GENERATE))  # the worker loads the model
@@ -100,8 +107,7 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     from core.dispatch import Planned
 
     batches = cut([Planned(str(i), key, cost, "bulk") for i in range(n)], stack.settings)
-    requests = [ImageRequest(kind="generate", prompt=str(GENERATE["prompt"]), width=64, height=64, steps=10, seed=i)
-                for i in range(n)]
+    requests = generate_requests(n)
     # Warm like the worker, which has run the warm-up batch: every micro-batch size, twice (a trace
     # is made at its first size, checked once at each other, and optimised on its second run).
     for size in sorted({len(batch) for batch in batches} | {1}):
