@@ -205,7 +205,7 @@ def _attempt(settings: Settings, http: httpx.Client, prepared: Prepared) -> str:
             text = head[:RESPONSE_LOGGED].decode("utf-8", "replace")
     except outbound.Refused as exc:
         error = exc.reason
-    except Exception as exc:  # httpx.HTTPError, or e.g. InvalidURL from a URL stored before today's checks
+    except Exception as exc:  # httpx.HTTPError, or e.g. InvalidURL for a URL stored before URLs were checked for it
         error = f"{type(exc).__name__}: {exc}"
     latency = int((time.perf_counter() - started) * 1000)
     with session_scope(settings.database_url) as session:

@@ -140,7 +140,7 @@ def download(http: httpx.Client, url: str, settings: Settings) -> bytes:
         raise Transient(f"timed out after {settings.fetch_timeout:g} s") from None
     except httpx.HTTPError as exc:
         raise Transient(f"{type(exc).__name__}: {exc}") from None
-    except Exception as exc:  # e.g. httpx.InvalidURL from a URL stored before today's checks
+    except Exception as exc:  # e.g. httpx.InvalidURL for a URL stored before URLs were checked for it
         raise Permanent(f"could not be fetched ({type(exc).__name__}: {exc})") from None
 
 
