@@ -12,6 +12,11 @@ own `run` timings, against the raw loop in this process, three interleaved repea
 - pinned: the same, with the worker's task thread alone on the first CPU and every other thread
   of the machine (its storing threads, SeaweedFS, PostgreSQL, Redis, the API, this bench) on the
   other: what is left of the slowdown then does not come from sharing a core.
+- hosted: streaming again, with the engine in a process of its own (STEP1X_ENGINE_PROCESS, the
+  default); the three above run it in the worker's task thread (STEP1X_ENGINE_PROCESS=0).
+
+Besides each variant's forward-pass speed, the streaming ones report the whole run's images/s
+(`*_system_images_per_s`, submission to the last job finished).
 
 Linux only (sched_setaffinity); the pinned run needs two CPUs or more.
 """
@@ -49,7 +54,7 @@ def _pin(stack: BenchStack, pinned: bool) -> None:
     """Pinned: the worker's task thread on CPU 0, every other thread of the machine on the rest.
     Not pinned: every thread on every CPU."""
     cpus = sorted(os.sched_getaffinity(0) | set(range(os.cpu_count() or 1)))
-    pool = psutil.Process(stack.workers[0].pid).children(recursive=True)[0]
+    pool = psutil.Process(stack.workers[0].pid).children()[0]
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):
             for thread in process.threads():
@@ -80,7 +85,7 @@ def _raw(stack: BenchStack) -> float:
 def measure(stack: BenchStack, repeat: int) -> dict[str, float]:
     figures = {"raw_images_per_s": _raw(stack)}
     stack.fresh_database()
-    stack.start_worker()
+    stack.start_worker(STEP1X_ENGINE_PROCESS="0")
     try:
         with stack.client() as client:
             run_batch(client, tagged_items(2 * SIZE, f"warm{repeat}", **GENERATE))  # loads the model
@@ -100,10 +105,21 @@ def measure(stack: BenchStack, repeat: int) -> dict[str, float]:
                 figures["pinned_system_images_per_s"] = STREAMED / seconds
     finally:
         stack.stop_worker()
+    stack.start_worker(STEP1X_ENGINE_PROCESS="1")
+    try:
+        with stack.client() as client:
+            run_batch(client, tagged_items(2 * SIZE, f"warm-hosted{repeat}", **GENERATE))
+            streamed, seconds = run_batch(client, tagged_items(STREAMED, f"hosted{repeat}", **GENERATE))
+            figures["hosted_images_per_s"] = _engine_images_per_s(stack, [streamed])
+            figures["hosted_system_images_per_s"] = STREAMED / seconds
+    finally:
+        stack.stop_worker()
     raw = figures["raw_images_per_s"]
-    for name in ("alone", "streaming", "pinned"):
+    for name in ("alone", "streaming", "pinned", "hosted"):
         if f"{name}_images_per_s" in figures:
             figures[f"{name}_vs_raw"] = figures[f"{name}_images_per_s"] / raw
+        if f"{name}_system_images_per_s" in figures:
+            figures[f"{name}_system_vs_raw"] = figures[f"{name}_system_images_per_s"] / raw
     return figures
 
 
@@ -125,15 +141,17 @@ def main() -> dict[str, Any]:
     figures = {name: spread([run[name] for run in runs]) for name in runs[0]}
     table = Table(title=f"tiny-sd forward passes, micro-batches of {SIZE}: worker ÷ raw loop "
                         f"({REPEATS} repeats, min / median / max)")
-    for column in ("forward passes", "images/s", "÷ raw loop"):
+    for column in ("forward passes", "images/s", "÷ raw loop", "whole run ÷ raw loop"):
         table.add_column(column)
-    table.add_row("raw loop, this process", spread_text(figures["raw_images_per_s"], ".1f"), "1")
-    for name, label in (("alone", f"worker, {ALONE} micro-batches one at a time"),
-                        ("streaming", f"worker, {STREAMED} images in one batch"),
-                        ("pinned", "the same, task thread alone on a CPU")):
+    table.add_row("raw loop, this process", spread_text(figures["raw_images_per_s"], ".1f"), "1", "")
+    for name, label in (("alone", f"in the task thread, {ALONE} micro-batches one at a time"),
+                        ("streaming", f"in the task thread, {STREAMED} images in one batch"),
+                        ("pinned", "the same, task thread alone on a CPU"),
+                        ("hosted", f"engine process, {STREAMED} images in one batch")):
         if f"{name}_vs_raw" in figures:
+            system = figures.get(f"{name}_system_vs_raw")
             table.add_row(label, spread_text(figures[f"{name}_images_per_s"], ".1f"),
-                          spread_text(figures[f"{name}_vs_raw"], ".2f"))
+                          spread_text(figures[f"{name}_vs_raw"], ".2f"), spread_text(system, ".2f") if system else "")
     console.print(table)
     result = {"size": SIZE, "alone": ALONE, "streamed": STREAMED, "repeats": REPEATS, "figures": figures}
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")

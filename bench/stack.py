@@ -131,17 +131,22 @@ class BenchStack:
         """CPU seconds so far: the worker pool process's task thread (forward passes, claims), its
         other threads (storing, uploads, heartbeats), and every other process on the machine
         (PostgreSQL, SeaweedFS, Redis, the API, Celery's main process, this bench)."""
-        pool = psutil.Process(self.workers[0].pid).children(recursive=True)[0]
+        pool = psutil.Process(self.workers[0].pid).children()[0]
         # The task runs on the pool process's main thread, whose thread id is the process id.
         threads = {t.id: t.user_time + t.system_time for t in pool.threads()}
         task = threads.pop(pool.pid)
-        machine = 0.0
+        hosts = {child.pid for child in pool.children()}  # the engine process (STEP1X_ENGINE_PROCESS)
+        engine = machine = 0.0
         for process in psutil.process_iter():
             with suppress(psutil.Error):
                 if process.pid != pool.pid:
                     times = process.cpu_times()
-                    machine += times.user + times.system
-        return {"task_thread": task, "other_threads": sum(threads.values()), "other_processes": machine}
+                    if process.pid in hosts:
+                        engine += times.user + times.system
+                    else:
+                        machine += times.user + times.system
+        return {"task_thread": task, "other_threads": sum(threads.values()), "engine_process": engine,
+                "other_processes": machine}
 
     def worker_rss(self) -> int:
         """Resident bytes of the worker: the main process and its pool child."""

@@ -15,8 +15,9 @@
   of the same objects through the same client.
 - orchestration_vs_bare_celery: the same near no-op jobs/s ÷ a bare Celery no-op task loop (one
   message per task, same Redis, same worker options).
-- interactive_start_p95: seconds from submit to start of single jobs behind a bulk backlog, the same
-  in micro-batch durations, and against the allowance of one micro-batch + 100 ms (target <= 1).
+- interactive_start_p95: seconds from submit to start (claim) of single jobs behind a bulk backlog,
+  the same in micro-batch durations (forward passes), and against the allowance of one
+  micro-batch + 100 ms (target <= 1); interactive_finish_p95: the same to their finish.
 - worker_rss_growth_pct: worker RSS after many mixed jobs against after a tenth of them.
 """
 
@@ -131,6 +132,7 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
             # hand-overs are a few hundredths).
             "worker_task_thread_cpu_vs_raw": cpu["task_thread"] / raw_s,
             "worker_other_threads_cpu_vs_raw": cpu["other_threads"] / raw_s,
+            "engine_process_cpu_vs_raw": cpu["engine_process"] / raw_s,
             "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s,
             # Where the planned run's wall time went: the engine's forward passes (and how much
             # slower than the raw loop's), the claims, and the rest (Celery's hand-over between
@@ -188,33 +190,52 @@ def singles_behind(client: httpx.Client, spec: dict[str, Any], backlog: int, pro
     """Send a batch of `backlog` jobs of `spec`, then single jobs of it one after another, each
     waited for; (the batch's id, each single job's seconds from submit to `stage`). Cancels the
     batch."""
+    bulk_id, waits = singles_waits(client, spec, backlog, probes)
+    return bulk_id, waits[stage]
+
+
+def singles_waits(client: httpx.Client, spec: dict[str, Any], backlog: int,
+                  probes: int) -> tuple[str, dict[str, list[float]]]:
+    """`singles_behind`, with the seconds to both stages: started_at (claimed) and finished_at."""
     response = client.post("/v1/batches", json={"items": tagged_items(backlog, "backlog", **spec)})
     assert response.status_code == 202, response.text[:2000]
     bulk_id = response.json()["id"]
-    waits = []
+    waits: dict[str, list[float]] = {"started_at": [], "finished_at": []}
     for i in range(probes):
         job = client.post("/v1/jobs", json={**spec, "seed": 10**6 + i}).json()
         while (state := client.get(f"/v1/jobs/{job['id']}").json())["status"] in ("queued", "running"):
             time.sleep(0.01)
         assert state["status"] == "succeeded", state
-        waits.append(stamp_seconds(state["timings"][stage]) - stamp_seconds(state["timings"]["queued_at"]))
+        for stage, stage_waits in waits.items():
+            stage_waits.append(stamp_seconds(state["timings"][stage]) - stamp_seconds(state["timings"]["queued_at"]))
     client.post(f"/v1/batches/{bulk_id}/cancel")
     return bulk_id, waits
 
 
-def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, probes: int) -> dict[str, float]:
-    bulk_id, waits = singles_behind(client, GENERATE, backlog, probes, "started_at")
-    with session_scope(stack.settings.database_url) as session:
-        runs = [(done - start).total_seconds() for start, done in session.execute(
-            select(Job.started_at, Job.finished_at).where(Job.batch_id == bulk_id, Job.status == "succeeded"))
-            if start is not None and done is not None]
-    micro_batch_s = statistics.median(runs) if runs else float("nan")
+def p95(values: list[float]) -> float:
     # Inclusive: from a handful of probes (5 in a quick run) the default method extrapolates a p95
     # beyond the slowest probe; this one interpolates between the measured waits.
-    p95 = statistics.quantiles(waits, n=20, method="inclusive")[-1] if len(waits) >= 2 else waits[0]
+    return statistics.quantiles(values, n=20, method="inclusive")[-1] if len(values) >= 2 else values[0]
+
+
+def interactive_start(stack: BenchStack, client: httpx.Client, backlog: int, probes: int) -> dict[str, float]:
+    bulk_id, waits = singles_waits(client, GENERATE, backlog, probes)
+    # A micro-batch's duration is its forward pass: the run seconds of its jobs (claimed together,
+    # so sharing a started_at). Not started_at to finished_at, which with the engine process also
+    # holds the wait behind the micro-batch before it.
+    with session_scope(stack.settings.database_url) as session:
+        passes: dict[Any, float] = {}
+        for start, timings in session.execute(select(Job.started_at, Job.timings).where(
+                Job.batch_id == bulk_id, Job.status == "succeeded")):
+            passes[start] = passes.get(start, 0.0) + (timings or {}).get("run", 0.0)
+    micro_batch_s = statistics.median(passes.values()) if passes else float("nan")
+    start, finish = p95(waits["started_at"]), p95(waits["finished_at"])
     # The target: a single job starts within one micro-batch (the one in the engine) plus 100 ms.
-    return {"interactive_start_p95_s": p95, "interactive_start_p95_micro_batches": p95 / micro_batch_s,
-            "interactive_start_p95_vs_allowance": p95 / (micro_batch_s + 0.1)}
+    # Started is when it was claimed; with the engine process its forward pass may wait behind
+    # the micro-batch queued there too, which the time to its finish shows.
+    return {"interactive_start_p95_s": start, "interactive_start_p95_micro_batches": start / micro_batch_s,
+            "interactive_start_p95_vs_allowance": start / (micro_batch_s + 0.1),
+            "interactive_finish_p95_s": finish, "interactive_finish_p95_micro_batches": finish / micro_batch_s}
 
 
 def stamp_seconds(stamp: str) -> float:
@@ -247,7 +268,7 @@ def run(stack: BenchStack, quick: bool) -> dict[str, float]:
     stack.start_worker()
     try:
         with stack.client() as client:
-            figures = engine_and_batching(stack, client, 128 if quick else 512)
+            figures = engine_and_batching(stack, client, 256 if quick else 512)
             figures |= uploads_and_orchestration(stack, client, 200 if quick else 2000)
             figures |= interactive_start(stack, client, 10_000, 5 if quick else 20)
             figures |= worker_rss(stack, client, 600 if quick else 5000)

@@ -141,13 +141,17 @@ class Settings(BaseSettings):
     presign_seconds: int = 3600
     # Parallel uploads per worker; the S3 connection pool is sized to match.
     upload_concurrency: int = 8
-    # Micro-batches a worker may hold to be encoded and uploaded while its engine runs the next one;
-    # past it the next forward pass waits for storage (back-pressure, memory bounded).
+    # Micro-batches a worker may hold handed over and not yet stored: in the engine process, or
+    # being encoded and uploaded; past it the next hand-over waits (back-pressure, memory bounded).
     pipeline_depth: int = 2
     # While the engine runs a micro-batch, read and decode the inputs of the one the worker will
     # likely take next (`workers.lookahead`): at most one micro-batch of inputs ahead. Unset: on
     # unless S3 is on this machine's loopback.
     prefetch_inputs: bool | None = None
+    # Run the worker's engines in a process of their own (`workers.engine_host`): the forward pass
+    # shares no interpreter lock with the threads that store outputs, and the task thread claims
+    # and prepares the next micro-batch while it runs. Off: in the task thread.
+    engine_process: bool = True
     # boto3's own tries per S3 call before the micro-batch counts as interrupted and is retried whole.
     s3_max_attempts: int = 5
     # Defaults of a batch's `completion_window` (jobs not finished by then end expired) and

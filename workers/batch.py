@@ -19,7 +19,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from functools import cache
@@ -45,6 +44,8 @@ from core.tables import Batch, Job, utcnow
 from core.usage import Usage
 from models.engine import Canceled, Engine, ImageRequest, ImageResult
 from models.profiles import library_versions
+from workers.engine_host import HostedEngine
+from workers.forward import Running, submit
 from workers.lookahead import Lookahead, input_keys, read_input
 from workers.progress import Watch
 from workers.registry import Presence
@@ -165,21 +166,6 @@ def device_kind(engine: Engine) -> str:
     return str(getattr(getattr(engine, "device", None), "type", "cpu"))
 
 
-def run_isolating(engine: Engine, requests: list[ImageRequest]) -> list[ImageResult | Exception]:
-    """Run the micro-batch in one pass; if it fails, split it to find the bad items, so one broken
-    item fails alone and the rest still succeed."""
-    try:
-        return list(engine.run(requests))
-    except Canceled:
-        raise
-    except Exception as exc:  # any engine failure is isolated; infrastructure errors come later
-        if len(requests) == 1:
-            log.warning("item %s failed: %s", requests[0].label, exc)
-            return [exc]
-        mid = len(requests) // 2
-        return run_isolating(engine, requests[:mid]) + run_isolating(engine, requests[mid:])
-
-
 class Interrupted(Exception):
     """Storage, database or broker trouble stopped a micro-batch: not its items' fault. `held` lists
     the runs that could not even be handed back (job id -> claim number), for the retry to take
@@ -188,6 +174,18 @@ class Interrupted(Exception):
     def __init__(self, cause: BaseException, held: dict[str, int]) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.held = held
+
+
+@dataclass
+class _Pending:
+    """One engine group's forward pass, done or under way in the engine process: its outputs
+    become a `_Store` once its results are in (`MicroBatch._complete`)."""
+
+    engine: Engine
+    jobs: list[tuple[Outcome, list[ImageRequest]]]
+    watch: Watch
+    result: Running
+    load_seconds: float  # the group's, before the forward pass
 
 
 @dataclass
@@ -207,10 +205,33 @@ class Staged:
     run whose worker died. Stored at most once."""
 
     def __init__(self, batch: MicroBatch, claimed: Sequence[Claimed], outcomes: list[Outcome],
-                 stores: list[_Store], heartbeat: Heartbeat) -> None:
+                 pending: list[_Pending], heartbeat: Heartbeat, held: dict[str, Any] | None = None) -> None:
         self.batch, self.claimed, self.outcomes = batch, claimed, outcomes
-        self._stores, self._heartbeat = stores, heartbeat
+        self._pending, self._heartbeat, self._held = pending, heartbeat, held
+        self._stores: list[_Store] = []
         self._uploaded = False
+        self._requests = sum(len(requests) for group in pending for _, requests in group.jobs)
+
+    def ready(self) -> bool:
+        """Whether the forward passes are over (`complete` would not wait)."""
+        return all(group.result.done() for group in self._pending)
+
+    def when_ready(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once each forward pass is over (at once for those already over, and
+        once if there was none to wait for)."""
+        if not self._pending:
+            callback()
+        for group in self._pending:
+            group.result.add_done_callback(callback)
+
+    def complete(self) -> None:
+        """Wait for the forward passes (in the engine process) and prepare their outputs."""
+        pending, self._pending = self._pending, []
+        try:
+            for group in pending:
+                self._stores += self.batch._complete(group)
+        finally:
+            self.batch._let_go(self._held)  # the workers table shows the micro-batch in hand until here
 
     @property
     def job_ids(self) -> list[str]:
@@ -218,6 +239,9 @@ class Staged:
 
     @property
     def images(self) -> int:
+        """Outputs to upload; before `complete`, the images asked of the engine."""
+        if self._pending:
+            return self._requests
         return sum(len(store.uploads) for store in self._stores)
 
     def store(self) -> list[Outcome]:
@@ -230,6 +254,7 @@ class Staged:
         """Encode and upload every output (the store pipeline's first stage). Raises Interrupted
         on infrastructure trouble, after handing the jobs back."""
         try:
+            self.complete()
             for store in self._stores:
                 self.batch._store(store)
             self._uploaded = True
@@ -265,7 +290,8 @@ class Staged:
         """Leave the jobs as a dead process would: running, their leases left to lapse, so the
         reconciler sends them again."""
         self._heartbeat.stop()
-        self._stores = []
+        self.batch._let_go(self._held)
+        self._pending, self._stores = [], []
 
 
 @cache
@@ -338,13 +364,16 @@ class MicroBatch:
         outcomes = [Outcome(job, timings={"queued": round((now - job.created_at).total_seconds(), 4), "claim": share})
                     for job in claimed]
         heartbeat = Heartbeat(self.settings, claimed).start()
+        held = self.presence.hold([job.id for job in claimed], claimed[0].model) if self.presence else None
         try:
-            with self._holding(claimed):
-                stores = self._run_all(outcomes)
+            staged = Staged(self, claimed, outcomes, self._run_all(outcomes), heartbeat, held)
+            if not any(isinstance(group.engine, HostedEngine) for group in staged._pending):
+                staged.complete()  # run in this thread: nothing to wait for
         except Exception as exc:
             heartbeat.stop()
+            self._let_go(held)
             raise self._interrupted(claimed, exc) from exc
-        return Staged(self, claimed, outcomes, stores, heartbeat)
+        return staged
 
     def _interrupted(self, claimed: Sequence[Claimed], exc: Exception) -> Interrupted:
         held: dict[str, int] = {}
@@ -355,13 +384,12 @@ class MicroBatch:
             held = {job.id: job.claims for job in claimed}
         return Interrupted(exc, held)
 
-    def _holding(self, claimed: Sequence[Claimed]) -> AbstractContextManager[None]:
-        if self.presence is None:
-            return nullcontext()
-        return self.presence.holding([job.id for job in claimed], claimed[0].model)
+    def _let_go(self, held: dict[str, Any] | None) -> None:
+        if self.presence is not None and held is not None:
+            self.presence.let_go(held)
 
-    def _run_all(self, outcomes: list[Outcome]) -> list[_Store]:
-        stores: list[_Store] = []
+    def _run_all(self, outcomes: list[Outcome]) -> list[_Pending]:
+        pending: list[_Pending] = []
         by_model: dict[str, list[Outcome]] = {}
         for outcome in outcomes:
             by_model.setdefault(outcome.job.model, []).append(outcome)
@@ -373,10 +401,12 @@ class MicroBatch:
                 for outcome in group:
                     outcome.fail(ErrorCode.MODEL_UNAVAILABLE, f"model {model!r}: {exc}")
                 continue
-            stores += self._run_group(engine, group, loading)
-        return stores
+            pending += self._run_group(engine, group, loading)
+        return pending
 
-    def _run_group(self, engine: Engine, group: list[Outcome], loading: float) -> list[_Store]:
+    def _run_group(self, engine: Engine, group: list[Outcome], loading: float) -> list[_Pending]:
+        """Start the group's forward pass, after reusing identical earlier outputs and reading
+        the inputs; jobs whose inputs cannot be read fail here."""
         pending: list[tuple[Outcome, list[ImageRequest]]] = []
         for outcome in group:
             outcome.fingerprint = fingerprint(outcome.job, engine)
@@ -395,7 +425,6 @@ class MicroBatch:
             job = outcome.job
             try:
                 requests = requests_for(job, self._image(job.tenant_id))
-                engine.check_inputs(requests)
             except Step1XError as exc:
                 outcome.fail(ErrorCode.INVALID_INPUT, str(exc))
                 continue
@@ -403,29 +432,40 @@ class MicroBatch:
                 outcome.fail(ErrorCode.INVALID_INPUT, f"image: cannot decode input ({exc})")
                 continue
             pending.append((outcome, requests))
-        flat = [req for _, reqs in pending for req in reqs]
-        if not flat:
+        if not pending:
             return []
-        started = time.perf_counter()
         watch = Watch(self.settings, [outcome.job for outcome, _ in pending])
+        interactive = any(outcome.job.batch_id is None for outcome, _ in pending)
+        load_seconds = time.perf_counter() - loading
+        result = submit(engine, [requests for _, requests in pending], watch, interactive)
+        return [_Pending(engine, pending, watch, result, load_seconds)]
+
+    def _complete(self, group: _Pending) -> list[_Store]:
+        """The group's forward pass is over (waits for it): its outcomes, and its outputs to store."""
         try:
-            with engine.watched(watch):
-                results = run_isolating(engine, flat)
+            done = group.result.result()
         except Canceled:
-            for outcome, _ in pending:
+            for outcome, _ in group.jobs:
                 outcome.status = JobStatus.CANCELED
             return []
-        run_seconds = (time.perf_counter() - started) / len(flat)
-        load_seconds = (started - loading) / len(flat)
+        ran: list[tuple[Outcome, list[ImageRequest], list[ImageResult | Exception]]] = []
+        for (outcome, requests), result in zip(group.jobs, done.results, strict=True):
+            if not isinstance(result, list):  # refused by the engine's checks, before any compute
+                outcome.fail(ErrorCode.INVALID_INPUT, str(result))
+            else:
+                ran.append((outcome, requests, result))
+        images_run = sum(len(requests) for _, requests, _ in ran)
+        if not images_run:
+            return []
+        engine = group.engine
+        run_seconds = done.seconds / images_run
+        load_seconds = group.load_seconds / images_run
         # Canceled while it ran, as the run's last look saw it: nothing of theirs is prepared. The
         # store asks afresh before uploading, so no extra query here.
-        canceled = watch.canceled
+        canceled = group.watch.canceled
         uploads: list[tuple[str, Image.Image, str, int | None]] = []
         thumbnails: list[tuple[Claimed, list[tuple[str, Image.Image]]]] = []
-        cursor = 0
-        for outcome, reqs in pending:
-            mine = results[cursor:cursor + len(reqs)]
-            cursor += len(reqs)
+        for outcome, reqs, mine in ran:
             if outcome.job.id in canceled:
                 outcome.status = JobStatus.CANCELED
                 continue
@@ -449,7 +489,7 @@ class MicroBatch:
             steps = sum(r.steps for r in reqs) if engine.profile.seeded else 0
             outcome.usage = Usage.of((r.image.size for r in images), steps, run_seconds * len(reqs),
                                      device_kind(engine))
-        return [_Store(uploads, thumbnails, [outcome for outcome, _ in pending], watch)]
+        return [_Store(uploads, thumbnails, [outcome for outcome, _, _ in ran], group.watch)]
 
     def _store(self, store: _Store) -> None:
         """Encode and upload one group's outputs and thumbnails; jobs canceled since their forward

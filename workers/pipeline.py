@@ -1,14 +1,17 @@
 """The worker's store pipeline: while the engine runs micro-batch N+1, background threads encode
-and upload micro-batch N and finish its jobs. The task returns once its forward pass is done,
-so the next message reaches the engine without waiting on storage.
+and upload micro-batch N and finish its jobs. The task returns once it has handed its
+micro-batch over (its forward pass running in the engine process, or done in the task thread
+with STEP1X_ENGINE_PROCESS=0), so the next message reaches the engine without waiting on storage.
 
 Two stages, one thread each: uploading (each micro-batch's objects in parallel), then finishing
 (one transaction). Micro-batch N's finishing overlaps N+1's uploads, which would otherwise stop
-for it. Both stages take micro-batches in the order their forward passes ended.
+for it. The upload stage takes micro-batches as their forward passes end (in the engine process
+an interactive one may end before bulk ones handed over earlier), the finishing stage in the
+order they were uploaded.
 
-Bounded: at most STEP1X_PIPELINE_DEPTH micro-batches are being stored or wait for it; a task whose
-forward pass ends while the pipeline is full waits for room (back-pressure when storage falls
-behind), so memory holds that many micro-batches of outputs beside the one in the engine.
+Bounded: at most STEP1X_PIPELINE_DEPTH micro-batches are handed over and not yet stored; a task
+that would hand over one more waits for room (back-pressure when storage falls behind), so
+memory holds that many micro-batches of outputs beside the one being prepared.
 
 Nothing is lost on a crash: a job is finished only after its outputs are stored, and until then
 it is running under a lease its heartbeat keeps renewing; if the process dies, the reconciler
@@ -50,6 +53,9 @@ class Pipeline:
         self._entries: queue.Queue[_Entry] = queue.Queue()  # to upload; done when finished
         self._uploaded: queue.Queue[_Entry] = queue.Queue()  # to finish
         self._held: set[str] = set()  # job ids handed over and not stored yet
+        self._arrived: list[_Entry] = []  # taken by the upload stage, forward pass not over yet
+        self._ended: list[Staged] = []  # micro-batches whose forward passes are over, in that order
+        self._wake = threading.Event()  # a micro-batch arrived, or its forward pass ended
         self._lock = threading.Lock()
         self._dead: BaseException | None = None  # what killed a stage: the process is going
         for stage, name in ((self._upload_loop, "store-upload"), (self._finish_loop, "store-finish")):
@@ -64,8 +70,11 @@ class Pipeline:
         self._room.acquire()
         with self._lock:
             self._entries.put(_Entry(staged, done, interrupted))
-            if self._dead is None:
-                return
+            self._wake.set()
+            alive = self._dead is None
+        if alive:  # outside the lock: a pass already over calls back at once
+            staged.when_ready(lambda: self._ended_pass(staged))
+            return
         self._abandon_waiting()
 
     def holding(self, job_ids: Sequence[str]) -> set[str]:
@@ -79,9 +88,37 @@ class Pipeline:
         reconciler after a stage died."""
         self._entries.join()
 
+    def _ended_pass(self, staged: Staged) -> None:
+        """A forward pass of `staged` ended (called once per engine group)."""
+        with self._lock:
+            if staged.ready() and not any(ended is staged for ended in self._ended):
+                self._ended.append(staged)
+        self._wake.set()
+
+    def _next(self) -> _Entry:
+        """The micro-batch whose forward pass ended first among those not stored yet: in the
+        engine process an interactive one runs before bulk ones handed over earlier, and is stored
+        as soon as it is done instead of after them. In hand-over order when the forward passes
+        ran in the task thread."""
+        while True:
+            self._wake.clear()
+            with self._lock:
+                while True:
+                    try:
+                        self._arrived.append(self._entries.get_nowait())
+                    except queue.Empty:
+                        break
+                for staged in self._ended:
+                    entry = next((entry for entry in self._arrived if entry.staged is staged), None)
+                    if entry is not None:
+                        self._ended.remove(staged)
+                        self._arrived.remove(entry)
+                        return entry
+            self._wake.wait()
+
     def _upload_loop(self) -> None:
         while True:
-            entry = self._entries.get()
+            entry = self._next()
             if self._step(entry, entry.staged.upload) is _LEFT:
                 continue
             with self._lock:
@@ -118,6 +155,10 @@ class Pipeline:
         self._abandon_waiting()
 
     def _abandon_waiting(self) -> None:
+        with self._lock:
+            arrived, self._arrived, self._ended = self._arrived, [], []
+        for entry in arrived:
+            self._abandon(entry)
         for waiting in (self._entries, self._uploaded):
             while True:
                 try:

@@ -29,7 +29,8 @@ from core.tables import WorkerRow, utcnow
 log = logging.getLogger(__name__)
 
 
-def _rss_bytes() -> int | None:
+def rss_bytes() -> int | None:
+    """Resident bytes of this process."""
     try:
         with open("/proc/self/statm") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -47,29 +48,55 @@ class Presence:
         self.started_at = utcnow()
         self.images_done = 0
         self.current: dict[str, Any] | None = None
-        # Set by the task module once the engine registry exists: the profiles loaded now.
+        # Set by the task module once the engine registry exists: the profiles loaded now, and
+        # with an engine process (`workers.engine_host`), its device and memory.
         self.profiles: Callable[[], list[str]] = list
+        self.engine_status: Callable[[], dict[str, Any] | None] | None = None
         self._device: tuple[str, int | None] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-heartbeat", daemon=True)
 
     @contextmanager
     def holding(self, job_ids: Sequence[str], model: str) -> Iterator[None]:
-        self.current = {"job_ids": list(job_ids), "model": model, "since": utcnow().isoformat() + "Z"}
+        held = self.hold(job_ids, model)
         try:
             yield
         finally:
+            self.let_go(held)
+
+    def hold(self, job_ids: Sequence[str], model: str) -> dict[str, Any]:
+        """The micro-batch in hand from now; `let_go` with what this returns."""
+        self.current = {"job_ids": list(job_ids), "model": model, "since": utcnow().isoformat() + "Z"}
+        return self.current
+
+    def let_go(self, held: dict[str, Any]) -> None:
+        """Its forward pass is over; with an engine process the next one may be in hand already."""
+        if self.current is held:
             self.current = None
 
     def _fields(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "queues": self.queues, "profiles": self.profiles(),
+                "current": self.current, "images_done": self.images_done, **self._engine(),
+                "heartbeat_at": utcnow()}
+
+    def _engine(self) -> dict[str, Any]:
+        """Device and memory: of this process, or where the engines run in a process of their own,
+        of that one (asked, so this process never sets up a GPU of its own), with both RSS added."""
+        if self.settings.engine_process:
+            engine = None
+            try:
+                engine = self.engine_status() if self.engine_status is not None else None
+            except Exception as exc:  # the engine process is still starting, or gone: next beat
+                log.debug("engine process status: %s", exc)
+            if engine is None:
+                return {"device": "starting", "rss_bytes": rss_bytes()}
+            return {**engine, "rss_bytes": (rss_bytes() or 0) + (engine["rss_bytes"] or 0)}
         from models.device import allocated_bytes, describe_device  # torch: only in worker processes
 
         if self._device is None:
             self._device = describe_device()
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self._device[0],
-                "device_memory_bytes": self._device[1], "queues": self.queues, "profiles": self.profiles(),
-                "current": self.current, "images_done": self.images_done, "rss_bytes": _rss_bytes(),
-                "gpu_memory_bytes": allocated_bytes(), "heartbeat_at": utcnow()}
+        return {"device": self._device[0], "device_memory_bytes": self._device[1], "rss_bytes": rss_bytes(),
+                "gpu_memory_bytes": allocated_bytes()}
 
     def beat(self, stopped: bool = False) -> None:
         """Upsert the row. `draining` is left alone: operators set it."""

@@ -1,7 +1,8 @@
 """Thin task shims of the inference workers: the work is in `workers.batch`, which knows no Celery.
 
-The forward pass runs in the task; storing its outputs runs in the process's pipeline
-(`workers.pipeline`) while the next message's forward pass runs.
+The task claims its micro-batch and hands its forward pass to the engine process
+(`workers.engine_host`; with STEP1X_ENGINE_PROCESS=0 it runs it itself); storing the outputs runs
+in the process's pipeline (`workers.pipeline`) while the next message's forward pass runs.
 
 Retry is decided here, once. An item's own failure is recorded on the job and never retried.
 Infrastructure trouble (storage, database, broker) hands the jobs back without charging them an
@@ -21,7 +22,7 @@ from functools import cache
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_shutdown
+from celery.signals import worker_process_init, worker_process_shutdown
 
 from core.dispatch import RUN_BATCH
 from core.settings import Settings, get_settings
@@ -30,6 +31,7 @@ from models.profiles import Registry
 from workers import pipeline, registry, telemetry
 from workers.app import app
 from workers.batch import Interrupted, MicroBatch
+from workers.engine_host import HostedRegistry
 from workers.lookahead import Lookahead, prefetching
 from workers.pause import hand_back_if_paused
 
@@ -37,13 +39,17 @@ log = logging.getLogger(__name__)
 
 
 @cache
-def _worker_state() -> tuple[Storage, Registry, pipeline.Pipeline, Lookahead | None]:
-    """Built on first use inside the worker process (after fork), then kept warm."""
+def _worker_state() -> tuple[Storage, Registry | HostedRegistry, pipeline.Pipeline, Lookahead | None]:
+    """Built as the pool process starts (after fork), then kept warm."""
     settings = get_settings()
-    engines = Registry(settings)
+    engines: Registry | HostedRegistry = HostedRegistry(settings) if settings.engine_process else Registry(settings)
     presence = registry.current()
     if presence is not None:
         presence.profiles = engines.loaded
+    if isinstance(engines, HostedRegistry):
+        engines.host()  # started now, so it is up (and the row knows its device) before the first message
+        if presence is not None:
+            presence.engine_status = engines.status
     storage = Storage(settings)
     # The queues this worker reads, in the order it reads them (its -Q list).
     queues = list(app.amqp.queues.consume_from or ())
@@ -51,6 +57,15 @@ def _worker_state() -> tuple[Storage, Registry, pipeline.Pipeline, Lookahead | N
     if lookahead is not None:
         log.info("reading inputs ahead: the next message of %s", ", ".join(queues))
     return storage, engines, pipeline.Pipeline(settings.pipeline_depth), lookahead
+
+
+@worker_process_init.connect
+def _warm(**_: Any) -> None:
+    """Build the worker's state as the pool process starts, not when the first message comes."""
+    try:
+        _worker_state()
+    except Exception:  # not cached: the first task tries again and reports it
+        log.exception("the worker's state could not be built at start")
 
 
 @worker_process_shutdown.connect
@@ -79,8 +94,8 @@ def _next_try(settings: Settings, exc: Exception, job_ids: list[str], interrupte
 @app.task(name=RUN_BATCH, bind=True, max_retries=None)
 def run_batch(self: Task, job_ids: list[str], interrupted: dict[str, int] | None = None,
               trouble_since: float | None = None) -> dict[str, Any]:
-    """Runs the forward pass, then hands the outputs to the pipeline and returns: the next message
-    runs while these are stored."""
+    """Claims the jobs and starts their forward pass, then hands the micro-batch to the pipeline and
+    returns: the next message is claimed while this one runs and is stored."""
     settings = get_settings()
     if hand_back_if_paused(self, settings, job_ids):
         return {"claimed": 0, "paused": True}

@@ -17,6 +17,7 @@ from core.tables import Batch, Job, ReconcilerRun, WorkerRow, utcnow
 from models.profiles import Registry
 from tests.integration.helpers import api_client, png, upload
 from workers.batch import MicroBatch, Outcome, claim, finish
+from workers.engine_host import HostedRegistry
 from workers.reconcile import reconcile
 from workers.registry import Presence
 
@@ -96,9 +97,18 @@ def test_the_reconciler_recovers_a_dead_workers_jobs_before_their_lease_ends(set
     assert redis.Redis.from_url(settings.redis_url).llen("bulk.lanczos-x4") >= 1  # sent again at once
 
 
-def test_the_heartbeat_records_the_worker_and_its_shutdown(settings):
-    presence = Presence(settings.model_copy(update={"heartbeat_interval": 0.1}), "cpu@test", ["interactive", "bulk"])
+@pytest.mark.parametrize("engine_process", [False, True])
+def test_the_heartbeat_records_the_worker_and_its_shutdown(settings, engine_process):
+    """With the engine process the device is that process's, asked of it (this one never touches
+    the GPU), and its memory is added to the worker's."""
+    fast = settings.model_copy(update={"heartbeat_interval": 0.1, "engine_process": engine_process})
+    presence = Presence(fast, "cpu@test", ["interactive", "bulk"])
     presence.profiles = lambda: ["lanczos-x4"]
+    engines = HostedRegistry(fast)
+    if engine_process:
+        engines.host()
+        presence.engine_status = engines.status
+        assert engines.status() is not None  # waits for the engine process to be up
     presence.start()
     with presence.holding(["job_a", "job_b"], "lanczos-x4"):
         time.sleep(0.5)
@@ -108,8 +118,13 @@ def test_the_heartbeat_records_the_worker_and_its_shutdown(settings):
             assert row.current["job_ids"] == ["job_a", "job_b"] and row.current["model"] == "lanczos-x4"
             assert row.rss_bytes > 10_000_000 and row.stopped_at is None
             assert (utcnow() - row.heartbeat_at).total_seconds() < 2
+            if engine_process:
+                status = engines.status()
+                assert status is not None and status["device"] == "cpu" and status["rss_bytes"] > 10_000_000
+                assert row.rss_bytes > status["rss_bytes"]  # both processes
     presence.images_done = 7
     presence.stop()
+    engines.close()
     with session_scope(settings.database_url) as session:
         row = session.get(WorkerRow, "cpu@test")
         assert (row.current, row.images_done) == (None, 7) and row.stopped_at is not None

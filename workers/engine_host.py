@@ -1,0 +1,333 @@
+"""The worker's engines in a process of their own (STEP1X_ENGINE_PROCESS): the forward pass runs
+apart from the worker's claims, uploads and finishing transactions, and the task thread hands a
+micro-batch over and goes on to the next message while it runs.
+
+Why a process: a CPU engine's forward pass is Python dispatching small tensor operations, taking
+the interpreter lock back after each one. In one process with the store pipeline's threads, every
+millisecond those threads hold the lock lands on the forward pass, and more: a thread holding it
+15% of the time cost a tiny-SD forward pass 19% (README, "Where the forward pass slows down").
+
+One host per worker pool process, started on first use with `python -m workers.engine_host FD`
+and killed with it. Messages are pickled tuples on a socket pair: ("load", id, priority, name) and
+("run", id, priority, name, jobs, interval) are answered ("ok", id, value) or ("error", id,
+exception), in priority order (interactive micro-batches before bulk ones, then first come first
+served); ("cancel", id) stops a run. During a run the host sends ("step", id, done, total) at most
+once per `interval` seconds; the worker's reader thread passes it to the run's progress callback
+and sends the cancel when it says stop, so cancels and progress work as they do in process.
+
+If the host dies, every call waiting on it raises `HostDied` and the next call starts a fresh one.
+The micro-batch it died on is run again on the fresh host in halves, until the job that kills it
+fails alone (as `workers.forward.run_isolating` isolates a failing item).
+"""
+
+from __future__ import annotations
+
+import copyreg
+import itertools
+import logging
+import os
+import pickle
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from multiprocessing.connection import Connection
+from types import SimpleNamespace
+from typing import Any, TypeVar
+
+from core.services import die_with_parent
+from core.settings import Settings, get_settings
+from models.caches import LRUCache
+from models.engine import Engine, ImageRequest, ImageResult, Progress
+from models.profiles import Registry
+from workers.forward import Forward, forward
+from workers.registry import rss_bytes
+
+log = logging.getLogger(__name__)
+INTERACTIVE, BULK = 0, 1  # priorities: lower runs first
+E = TypeVar("E", bound=BaseException)
+
+
+class HostDied(RuntimeError):
+    """The engine process exited (killed, out of memory, crashed) before answering."""
+
+
+class _Host:
+    """The child process, and the worker's side of the socket pair: calls return futures, which a
+    reader thread resolves from the replies."""
+
+    def __init__(self) -> None:
+        parent, child = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-m", "workers.engine_host", str(child.fileno())],
+                                        pass_fds=[child.fileno()], preexec_fn=die_with_parent(signal.SIGKILL))
+        child.close()
+        self._conn = Connection(parent.detach())
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+        self._calls: dict[int, tuple[Future[Any], Progress | None]] = {}
+        self._dead: HostDied | None = None
+        threading.Thread(target=self._read, name="engine-host", daemon=True).start()
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None
+
+    def call(self, kind: str, priority: int, *args: Any, progress: Progress | None = None) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._dead is not None:
+                raise self._dead
+            call_id = next(self._ids)
+            self._calls[call_id] = (future, progress)
+            try:
+                self._conn.send((kind, call_id, priority, *args))
+            except OSError as exc:
+                self._die(exc)
+        return future
+
+    def _read(self) -> None:
+        try:
+            self._answers()
+        except BaseException as exc:  # EOF: the host exited; anything else leaves it unheard
+            with self._lock:
+                self._die(exc)
+            if not isinstance(exc, EOFError | OSError):
+                log.exception("reading the engine process's answers failed")
+
+    def _answers(self) -> None:
+        while True:
+            kind, call_id, *rest = self._conn.recv()
+            if kind == "step":
+                progress = self._calls[call_id][1]
+                if progress is not None and not progress(*rest):
+                    with self._lock:
+                        if self._dead is None:
+                            self._conn.send(("cancel", call_id))
+                continue
+            with self._lock:
+                future, _ = self._calls.pop(call_id)
+            if kind == "ok":
+                future.set_result(rest[0])
+            else:
+                future.set_exception(rest[0])
+
+    def _die(self, exc: BaseException) -> None:
+        """With the lock held: fail every waiting call, and make sure the process is gone."""
+        if self._dead is not None:
+            return
+        self._dead = HostDied(f"the engine process exited ({exc or type(exc).__name__})")
+        for future, _ in self._calls.values():
+            future.set_exception(self._dead)
+        self._calls.clear()
+        self._conn.close()
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+
+    def close(self) -> None:
+        with self._lock:
+            self._die(EOFError("closed by the worker"))
+
+
+class HostedEngine(Engine):
+    """An engine loaded in the host process. `submit` is how the worker runs it."""
+
+    def __init__(self, registry: HostedRegistry, name: str, info: dict[str, Any]) -> None:
+        super().__init__(name, registry.settings.models[name])
+        self._registry = registry
+        self.task = info["task"]
+        self.model_hash = info["model_hash"]
+        self.device = SimpleNamespace(type=info["device"])  # what `workers.batch.device_kind` reads
+
+    def run(self, requests: Any) -> list[ImageResult]:
+        raise NotImplementedError("a hosted engine runs micro-batches through submit()")
+
+    def submit(self, jobs: list[list[ImageRequest]], progress: Progress, interactive: bool) -> _Running:
+        priority = INTERACTIVE if interactive else BULK
+        try:
+            future = self._call(jobs, progress, priority)
+        except HostDied as exc:
+            future = Future()
+            future.set_exception(exc)
+        return _Running(self, future, jobs, progress, priority)
+
+    def _call(self, jobs: list[list[ImageRequest]], progress: Progress, priority: int) -> Future[Forward]:
+        return self._registry.host().call("run", priority, self.name, jobs, self._registry.settings.progress_interval,
+                                          progress=progress)
+
+    def _isolating(self, jobs: list[list[ImageRequest]], progress: Progress, priority: int) -> Forward:
+        try:
+            return self._call(jobs, progress, priority).result()
+        except HostDied as exc:
+            if len(jobs) == 1:
+                return Forward([[exc] * len(jobs[0])], 0.0)
+            mid = len(jobs) // 2
+            first, second = (self._isolating(half, progress, priority) for half in (jobs[:mid], jobs[mid:]))
+            return Forward(first.results + second.results, first.seconds + second.seconds)
+
+
+class _Running:
+    """A micro-batch's forward pass in the host: done once the host answered (or died)."""
+
+    def __init__(self, engine: HostedEngine, future: Future[Forward], jobs: list[list[ImageRequest]],
+                 progress: Progress, priority: int) -> None:
+        self._engine, self._future, self._jobs, self._progress, self._priority = (
+            engine, future, jobs, progress, priority)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def add_done_callback(self, callback: Callable[[], None]) -> None:
+        self._future.add_done_callback(lambda _: callback())
+
+    def result(self) -> Forward:
+        try:
+            return self._future.result()
+        except HostDied:
+            log.warning("the engine process died on a micro-batch of %d jobs of %s; running it again in halves",
+                        len(self._jobs), self._engine.name)
+            return self._engine._isolating(self._jobs, self._progress, self._priority)
+
+
+class HostedRegistry:
+    """`models.profiles.Registry`'s interface, with the engines loaded in the host process (which
+    keeps its own LRU of the same size)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._engines: LRUCache[str, HostedEngine] = LRUCache(settings.pipeline_cache_size)
+        self._host: _Host | None = None
+        self._lock = threading.Lock()
+
+    def host(self) -> _Host:
+        """The live host, started afresh if there is none (a new one loads its engines again)."""
+        with self._lock:
+            if self._host is None or not self._host.alive:
+                self._host = _Host()
+            return self._host
+
+    def get(self, name: str) -> Engine:
+        return self._engines.get_or_create(
+            name, lambda: HostedEngine(self, name, self.host().call("load", INTERACTIVE, name).result()))
+
+    def loaded(self) -> list[str]:
+        return self._engines.keys()
+
+    def status(self) -> dict[str, Any] | None:
+        """The engine process's device and memory (`status`), None while none runs."""
+        with self._lock:
+            host = self._host if self._host is not None and self._host.alive else None
+        return None if host is None else host.call("status", INTERACTIVE).result(timeout=10)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._host is not None:
+                self._host.close()
+                self._host = None
+
+
+def _rebuilt(cls: type[BaseException], args: tuple[Any, ...], attributes: dict[str, Any]) -> BaseException:
+    exc = cls.__new__(cls)
+    exc.args = args
+    vars(exc).update(attributes)
+    return exc
+
+
+def _reduce(exc: BaseException) -> tuple[Any, ...]:
+    return _rebuilt, (type(exc), exc.args, vars(exc))
+
+
+def _portable(exc: E) -> E | RuntimeError:
+    """The exception, pickled as (class, args, attributes) and rebuilt without calling __init__:
+    pickle's own way calls it with `args`, which for `InvalidInput` words the message anew. A
+    RuntimeError with its text if even that does not pickle."""
+    copyreg.pickle(type(exc), _reduce)
+    try:
+        pickle.dumps(exc)
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def status() -> dict[str, Any]:
+    """What the worker's row in the workers table reports of the engine process."""
+    from models.device import allocated_bytes, describe_device
+
+    device, memory = describe_device()
+    return {"device": device, "device_memory_bytes": memory, "gpu_memory_bytes": allocated_bytes(),
+            "rss_bytes": rss_bytes()}
+
+
+def serve(conn: Connection, settings: Settings) -> None:
+    registry = Registry(settings)
+    work: queue.PriorityQueue[tuple[int, int, tuple[Any, ...]]] = queue.PriorityQueue()
+    canceled: set[int] = set()
+
+    sending = threading.Lock()  # the reader answers "status" while a run may be sending steps
+
+    def send(message: tuple[Any, ...]) -> None:
+        with sending:
+            conn.send(message)
+
+    def read() -> None:
+        arrival = itertools.count()
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):  # the worker is gone: so is its work
+                os._exit(0)
+            if message[0] == "cancel":
+                canceled.add(message[1])
+            elif message[0] == "status":  # answered at once, even while a run goes on
+                send(("ok", message[1], status()))
+            else:
+                work.put((message[2], next(arrival), message))
+
+    def answer(kind: str, call_id: int, name: str, *args: Any) -> Any:
+        engine = registry.get(name)
+        if kind == "load":
+            device = getattr(getattr(engine, "device", None), "type", "cpu")
+            return {"task": engine.task, "model_hash": engine.model_hash, "device": str(device)}
+        jobs, interval = args
+        last = time.monotonic()
+
+        def progress(done: int, total: int) -> bool:
+            nonlocal last
+            if time.monotonic() - last >= interval:
+                send(("step", call_id, done, total))
+                last = time.monotonic()
+            return call_id not in canceled
+
+        with engine.watched(progress):
+            done = forward(engine, jobs)
+        done.results = [[_portable(r) if isinstance(r, Exception) else r for r in result]
+                        if isinstance(result, list) else _portable(result) for result in done.results]
+        return done
+
+    threading.Thread(target=read, name="engine-host-read", daemon=True).start()
+    while True:
+        _, _, (kind, call_id, _, *args) = work.get()
+        try:
+            reply: tuple[Any, ...] = ("ok", call_id, answer(kind, call_id, *args))
+        except Exception as exc:
+            reply = ("error", call_id, _portable(exc))
+        canceled.discard(call_id)
+        send(reply)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(Connection(int(sys.argv[1])), get_settings())
+
+
+if __name__ == "__main__":
+    # From the module, not __main__: what the host pickles (exceptions rebuilt by `_rebuilt`) must
+    # name functions the worker can import.
+    from workers.engine_host import main as serve_module
+
+    serve_module()
