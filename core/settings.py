@@ -142,7 +142,8 @@ class Settings(BaseSettings):
     # Parallel uploads per worker; the S3 connection pool is sized to match.
     upload_concurrency: int = 8
     # Micro-batches a worker may hold handed over and not yet stored: in the engine process, or
-    # being encoded and uploaded; past it the next hand-over waits (back-pressure, memory bounded).
+    # being encoded and uploaded; past it the next hand-over waits, its forward pass already sent
+    # (back-pressure, memory bounded).
     pipeline_depth: int = 2
     # While the engine runs a micro-batch, read and decode the inputs of the one the worker will
     # likely take next (`workers.lookahead`): at most one micro-batch of inputs ahead. Unset: on

@@ -217,12 +217,21 @@ class Staged:
         return all(group.result.done() for group in self._pending)
 
     def when_ready(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once each forward pass is over (at once for those already over, and
-        once if there was none to wait for)."""
+        """Call `callback` once, when every forward pass is over (at once if they are)."""
+        left = [len(self._pending)]
+        lock = threading.Lock()
+
+        def one_over() -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                callback()
+
         if not self._pending:
             callback()
         for group in self._pending:
-            group.result.add_done_callback(callback)
+            group.result.add_done_callback(one_over)
 
     def complete(self) -> None:
         """Wait for the forward passes (in the engine process) and prepare their outputs."""

@@ -4,20 +4,24 @@ micro-batch over and goes on to the next message while it runs.
 
 Why a process: a CPU engine's forward pass is Python dispatching small tensor operations, taking
 the interpreter lock back after each one. In one process with the store pipeline's threads, every
-millisecond those threads hold the lock lands on the forward pass, and more: a thread holding it
-15% of the time cost a tiny-SD forward pass 19% (README, "Where the forward pass slows down").
+millisecond those threads hold the lock lands on the forward pass (`python -m bench.tracing`: a
+thread holding it 15% of the time cost the eager tiny-SD engine 14%; `python -m bench.interference`
+measures the whole run both ways).
 
-One host per worker pool process, started on first use with `python -m workers.engine_host FD`
-and killed with it. Messages are pickled tuples on a socket pair: ("load", id, priority, name) and
+One host per worker pool process, started with it (`python -m workers.engine_host FD`) and killed
+with it. Messages are pickled tuples on a socket pair: ("load", id, priority, name) and
 ("run", id, priority, name, jobs, interval) are answered ("ok", id, value) or ("error", id,
 exception), in priority order (interactive micro-batches before bulk ones, then first come first
-served); ("cancel", id) stops a run. During a run the host sends ("step", id, done, total) at most
+served); ("status", id) is answered at once, even during a run (device and memory, for the
+workers table); ("cancel", id) stops a run. During a run the host sends ("step", id, done, total) at most
 once per `interval` seconds; the worker's reader thread passes it to the run's progress callback
 and sends the cancel when it says stop, so cancels and progress work as they do in process.
 
 If the host dies, every call waiting on it raises `HostDied` and the next call starts a fresh one.
-The micro-batch it died on is run again on the fresh host in halves, until the job that kills it
-fails alone (as `workers.forward.run_isolating` isolates a failing item).
+Each micro-batch it held is run again on the fresh host, whole, then in halves, until the job that
+kills it fails alone (as `workers.forward.run_isolating` isolates a failing item). A host that
+dies before it sends ("ready", -1) could not start: its micro-batches are handed back as
+infrastructure trouble, not bisected into failed jobs.
 """
 
 from __future__ import annotations
@@ -59,7 +63,9 @@ class HostDied(RuntimeError):
 
 class _Host:
     """The child process, and the worker's side of the socket pair: calls return futures, which a
-    reader thread resolves from the replies."""
+    reader thread resolves from the replies. The reader never waits on a sender: `_lock` guards
+    the calls only, `_sending` the socket's writing end (the host reads all the time, so a send
+    always ends)."""
 
     def __init__(self) -> None:
         parent, child = socket.socketpair()
@@ -69,8 +75,10 @@ class _Host:
         self._conn = Connection(parent.detach())
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._sending = threading.Lock()
         self._calls: dict[int, tuple[Future[Any], Progress | None]] = {}
         self._dead: HostDied | None = None
+        self.started = False  # whether it said it is ready: one that dies before failed to start
         threading.Thread(target=self._read, name="engine-host", daemon=True).start()
 
     @property
@@ -84,54 +92,65 @@ class _Host:
                 raise self._dead
             call_id = next(self._ids)
             self._calls[call_id] = (future, progress)
-            try:
-                self._conn.send((kind, call_id, priority, *args))
-            except OSError as exc:
+        try:
+            self._send((kind, call_id, priority, *args))
+        except Exception as exc:  # not sent (a closed socket, or something that does not pickle)
+            with self._lock:
+                self._calls.pop(call_id, None)
+            if isinstance(exc, OSError):
                 self._die(exc)
+                raise self._dead or HostDied(str(exc)) from exc
+            raise
         return future
+
+    def _send(self, message: tuple[Any, ...]) -> None:
+        with self._sending:
+            self._conn.send(message)
 
     def _read(self) -> None:
         try:
             self._answers()
         except BaseException as exc:  # EOF: the host exited; anything else leaves it unheard
-            with self._lock:
-                self._die(exc)
+            self._die(exc)
             if not isinstance(exc, EOFError | OSError):
                 log.exception("reading the engine process's answers failed")
 
     def _answers(self) -> None:
         while True:
             kind, call_id, *rest = self._conn.recv()
-            if kind == "step":
-                progress = self._calls[call_id][1]
-                if progress is not None and not progress(*rest):
-                    with self._lock:
-                        if self._dead is None:
-                            self._conn.send(("cancel", call_id))
+            if kind == "ready":
+                self.started = True
                 continue
             with self._lock:
-                future, _ = self._calls.pop(call_id)
+                call = self._calls.get(call_id) if kind == "step" else self._calls.pop(call_id, None)
+            if call is None:
+                continue
+            future, progress = call
+            if kind == "step":
+                if progress is not None and not progress(*rest):
+                    self._send(("cancel", call_id))
+                continue
             if kind == "ok":
                 future.set_result(rest[0])
             else:
                 future.set_exception(rest[0])
 
     def _die(self, exc: BaseException) -> None:
-        """With the lock held: fail every waiting call, and make sure the process is gone."""
-        if self._dead is not None:
-            return
-        self._dead = HostDied(f"the engine process exited ({exc or type(exc).__name__})")
-        for future, _ in self._calls.values():
+        """Fail every waiting call, and make sure the process is gone."""
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = HostDied(f"the engine process exited ({exc or type(exc).__name__})")
+            calls, self._calls = list(self._calls.values()), {}
+        for future, _ in calls:
             future.set_exception(self._dead)
-        self._calls.clear()
         self._conn.close()
         if self.process.poll() is None:
             self.process.kill()
-        self.process.wait()
 
     def close(self) -> None:
-        with self._lock:
-            self._die(EOFError("closed by the worker"))
+        self._die(EOFError("closed by the worker"))
+        self.process.wait()
 
 
 class HostedEngine(Engine):
@@ -149,21 +168,25 @@ class HostedEngine(Engine):
 
     def submit(self, jobs: list[list[ImageRequest]], progress: Progress, interactive: bool) -> _Running:
         priority = INTERACTIVE if interactive else BULK
+        host = self._registry.host()
         try:
-            future = self._call(jobs, progress, priority)
+            future = self._call(host, jobs, progress, priority)
         except HostDied as exc:
             future = Future()
             future.set_exception(exc)
-        return _Running(self, future, jobs, progress, priority)
+        return _Running(self, host, future, jobs, progress, priority)
 
-    def _call(self, jobs: list[list[ImageRequest]], progress: Progress, priority: int) -> Future[Forward]:
-        return self._registry.host().call("run", priority, self.name, jobs, self._registry.settings.progress_interval,
-                                          progress=progress)
+    def _call(self, host: _Host, jobs: list[list[ImageRequest]], progress: Progress, priority: int) -> Future[Forward]:
+        return host.call("run", priority, self.name, jobs, self._registry.settings.progress_interval,
+                         progress=progress)
 
     def _isolating(self, jobs: list[list[ImageRequest]], progress: Progress, priority: int) -> Forward:
+        host = self._registry.host()
         try:
-            return self._call(jobs, progress, priority).result()
+            return self._call(host, jobs, progress, priority).result()
         except HostDied as exc:
+            if not host.started:  # a fresh one that never started: infrastructure, not these items
+                raise
             if len(jobs) == 1:
                 return Forward([[exc] * len(jobs[0])], 0.0)
             mid = len(jobs) // 2
@@ -174,10 +197,10 @@ class HostedEngine(Engine):
 class _Running:
     """A micro-batch's forward pass in the host: done once the host answered (or died)."""
 
-    def __init__(self, engine: HostedEngine, future: Future[Forward], jobs: list[list[ImageRequest]],
+    def __init__(self, engine: HostedEngine, host: _Host, future: Future[Forward], jobs: list[list[ImageRequest]],
                  progress: Progress, priority: int) -> None:
-        self._engine, self._future, self._jobs, self._progress, self._priority = (
-            engine, future, jobs, progress, priority)
+        self._engine, self._host, self._future, self._jobs, self._progress, self._priority = (
+            engine, host, future, jobs, progress, priority)
 
     def done(self) -> bool:
         return self._future.done()
@@ -189,6 +212,8 @@ class _Running:
         try:
             return self._future.result()
         except HostDied:
+            if not self._host.started:  # it never started: no item's fault, the micro-batch is handed back
+                raise
             log.warning("the engine process died on a micro-batch of %d jobs of %s; running it again in halves",
                         len(self._jobs), self._engine.name)
             return self._engine._isolating(self._jobs, self._progress, self._priority)
@@ -264,29 +289,46 @@ def status() -> dict[str, Any]:
 
 
 def serve(conn: Connection, settings: Settings) -> None:
+    """Runs the calls in priority order on this thread. A reader thread takes messages in and a
+    writer thread sends answers out, so neither waits on the other: the worker's sends always end,
+    even while a large answer waits for the worker to read it. Either one failing ends the process,
+    which the worker sees as its death, rather than leaving calls unanswered."""
     registry = Registry(settings)
     work: queue.PriorityQueue[tuple[int, int, tuple[Any, ...]]] = queue.PriorityQueue()
+    outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+    active: set[int] = set()  # calls queued or running: a cancel for any other is dropped
     canceled: set[int] = set()
-
-    sending = threading.Lock()  # the reader answers "status" while a run may be sending steps
-
-    def send(message: tuple[Any, ...]) -> None:
-        with sending:
-            conn.send(message)
 
     def read() -> None:
         arrival = itertools.count()
         while True:
+            message = conn.recv()
+            if message[0] == "cancel":
+                if message[1] in active:
+                    canceled.add(message[1])
+            elif message[0] == "status":  # answered at once, even while a run goes on
+                try:
+                    outbox.put(("ok", message[1], status()))
+                except Exception as exc:
+                    outbox.put(("error", message[1], _portable(exc)))
+            else:
+                active.add(message[1])
+                work.put((message[2], next(arrival), message))
+
+    def write() -> None:
+        while True:
+            conn.send(outbox.get())
+
+    def ending(loop: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
             try:
-                message = conn.recv()
+                loop()
             except (EOFError, OSError):  # the worker is gone: so is its work
                 os._exit(0)
-            if message[0] == "cancel":
-                canceled.add(message[1])
-            elif message[0] == "status":  # answered at once, even while a run goes on
-                send(("ok", message[1], status()))
-            else:
-                work.put((message[2], next(arrival), message))
+            except BaseException:
+                log.exception("the engine process's %s failed", loop.__name__)
+                os._exit(1)
+        return run
 
     def answer(kind: str, call_id: int, name: str, *args: Any) -> Any:
         engine = registry.get(name)
@@ -299,7 +341,7 @@ def serve(conn: Connection, settings: Settings) -> None:
         def progress(done: int, total: int) -> bool:
             nonlocal last
             if time.monotonic() - last >= interval:
-                send(("step", call_id, done, total))
+                outbox.put(("step", call_id, done, total))
                 last = time.monotonic()
             return call_id not in canceled
 
@@ -309,15 +351,18 @@ def serve(conn: Connection, settings: Settings) -> None:
                         if isinstance(result, list) else _portable(result) for result in done.results]
         return done
 
-    threading.Thread(target=read, name="engine-host-read", daemon=True).start()
+    for loop in (read, write):
+        threading.Thread(target=ending(loop), name=f"engine-host-{loop.__name__}", daemon=True).start()
+    outbox.put(("ready", -1))
     while True:
         _, _, (kind, call_id, _, *args) = work.get()
         try:
             reply: tuple[Any, ...] = ("ok", call_id, answer(kind, call_id, *args))
         except Exception as exc:
             reply = ("error", call_id, _portable(exc))
+        active.discard(call_id)
         canceled.discard(call_id)
-        send(reply)
+        outbox.put(reply)
 
 
 def main() -> None:

@@ -10,8 +10,8 @@ an interactive one may end before bulk ones handed over earlier), the finishing 
 order they were uploaded.
 
 Bounded: at most STEP1X_PIPELINE_DEPTH micro-batches are handed over and not yet stored; a task
-that would hand over one more waits for room (back-pressure when storage falls behind), so
-memory holds that many micro-batches of outputs beside the one being prepared.
+that would hand over one more waits for room (back-pressure when storage falls behind) with its
+forward pass already sent, so memory holds that many micro-batches of outputs and one more.
 
 Nothing is lost on a crash: a job is finished only after its outputs are stored, and until then
 it is running under a lease its heartbeat keeps renewing; if the process dies, the reconciler
@@ -89,10 +89,9 @@ class Pipeline:
         self._entries.join()
 
     def _ended_pass(self, staged: Staged) -> None:
-        """A forward pass of `staged` ended (called once per engine group)."""
+        """Every forward pass of `staged` ended."""
         with self._lock:
-            if staged.ready() and not any(ended is staged for ended in self._ended):
-                self._ended.append(staged)
+            self._ended.append(staged)
         self._wake.set()
 
     def _next(self) -> _Entry:

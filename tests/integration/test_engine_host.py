@@ -15,7 +15,7 @@ from core.tables import File, Job
 from models.engine import Canceled, ImageRequest
 from models.profiles import Registry
 from tests.integration.helpers import api_client, mask_png, png, upload
-from workers.batch import MicroBatch
+from workers.batch import Interrupted, MicroBatch
 from workers.engine_host import HostedRegistry
 from workers.pipeline import Pipeline
 
@@ -169,3 +169,19 @@ def test_an_interactive_micro_batch_is_stored_as_soon_as_its_forward_pass_ends(s
     assert stored == ["first", "single", "second"]
     assert {job.status for job in finished(settings, first + second + [single.json()["id"]]).values()} == {
         "succeeded"}
+
+
+def test_an_engine_process_that_cannot_start_hands_the_jobs_back_uncharged(settings, hosted, monkeypatch):
+    """Its death is the machine's trouble, not the items': the micro-batch is interrupted (queued
+    again, the attempt refunded) instead of bisected into failed jobs."""
+    client = api_client(settings)
+    response = client.post("/v1/batches", json={"items": [
+        {"custom_id": f"g{i}", "kind": "generate", "prompt": "a mug", "width": 64, "height": 64, "steps": 2}
+        for i in range(2)]})
+    assert response.status_code == 202, response.text
+    with session_scope(settings.database_url) as session:
+        ids = list(session.scalars(select(Job.id).where(Job.batch_id == response.json()["id"])))
+    monkeypatch.setenv("STEP1X_MAX_ATTEMPTS", "not a number")  # the engine process's settings fail
+    with pytest.raises(Interrupted):
+        MicroBatch(settings, Storage(settings), hosted.get, worker="test@host").start(ids)
+    assert {(job.status, job.attempts) for job in finished(settings, ids).values()} == {("queued", 0)}
