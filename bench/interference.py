@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psutil
 from rich.console import Console
 from rich.table import Table
@@ -82,6 +83,13 @@ def _raw(stack: BenchStack) -> float:
     return STREAMED / (time.perf_counter() - started)
 
 
+def _streamed(stack: BenchStack, client: httpx.Client, name: str, repeat: int) -> dict[str, float]:
+    """One batch of STREAMED images: its forward passes' images/s, and the whole run's."""
+    batch_id, seconds = run_batch(client, tagged_items(STREAMED, f"{name}{repeat}", **GENERATE))
+    return {f"{name}_images_per_s": _engine_images_per_s(stack, [batch_id]),
+            f"{name}_system_images_per_s": STREAMED / seconds}
+
+
 def measure(stack: BenchStack, repeat: int) -> dict[str, float]:
     figures = {"raw_images_per_s": _raw(stack)}
     stack.fresh_database()
@@ -92,26 +100,20 @@ def measure(stack: BenchStack, repeat: int) -> dict[str, float]:
             alone = [run_batch(client, tagged_items(SIZE, f"alone{repeat}-{i}", **GENERATE))[0]
                      for i in range(ALONE)]
             figures["alone_images_per_s"] = _engine_images_per_s(stack, alone)
-            streamed, seconds = run_batch(client, tagged_items(STREAMED, f"streamed{repeat}", **GENERATE))
-            figures["streaming_images_per_s"] = _engine_images_per_s(stack, [streamed])
-            figures["streaming_system_images_per_s"] = STREAMED / seconds
+            figures |= _streamed(stack, client, "streaming", repeat)
             if len(os.sched_getaffinity(0)) >= 2:
                 _pin(stack, True)
                 try:
-                    streamed, seconds = run_batch(client, tagged_items(STREAMED, f"pinned{repeat}", **GENERATE))
+                    figures |= _streamed(stack, client, "pinned", repeat)
                 finally:
                     _pin(stack, False)
-                figures["pinned_images_per_s"] = _engine_images_per_s(stack, [streamed])
-                figures["pinned_system_images_per_s"] = STREAMED / seconds
     finally:
         stack.stop_worker()
     stack.start_worker(STEP1X_ENGINE_PROCESS="1")
     try:
         with stack.client() as client:
             run_batch(client, tagged_items(2 * SIZE, f"warm-hosted{repeat}", **GENERATE))
-            streamed, seconds = run_batch(client, tagged_items(STREAMED, f"hosted{repeat}", **GENERATE))
-            figures["hosted_images_per_s"] = _engine_images_per_s(stack, [streamed])
-            figures["hosted_system_images_per_s"] = STREAMED / seconds
+            figures |= _streamed(stack, client, "hosted", repeat)
     finally:
         stack.stop_worker()
     raw = figures["raw_images_per_s"]

@@ -22,7 +22,7 @@ from rich.table import Table
 
 from bench.spread import spread, spread_text
 from bench.stack import BenchStack
-from bench.worker import noise_png, run_batch, singles_behind, tagged_items
+from bench.worker import noise_png, run_batch, singles_waits, tagged_items
 
 console = Console()
 REPEATS = 3
@@ -44,9 +44,9 @@ def measure(stack: BenchStack, max_jobs: int) -> dict[str, float]:
             _, seconds = run_batch(client, tagged_items(NOOPS, "noop", **spec))
             # To the finish, not the start: single jobs run first, but their outputs are stored after
             # those of the bulk micro-batches already in the store pipeline.
-            _, waits = singles_behind(client, spec, BACKLOG, PROBES, "finished_at")
+            _, waits = singles_waits(client, spec, BACKLOG, PROBES)
             return {"noop_jobs_per_s": NOOPS / seconds,
-                    "interactive_finish_behind_upscales_max_s": max(waits)}
+                    "interactive_finish_behind_upscales_max_s": max(waits["finished_at"])}
     finally:
         stack.stop_worker()
 

@@ -185,18 +185,11 @@ def bare_celery(stack: BenchStack, n: int) -> float:
         worker.wait()
 
 
-def singles_behind(client: httpx.Client, spec: dict[str, Any], backlog: int, probes: int,
-                   stage: str) -> tuple[str, list[float]]:
-    """Send a batch of `backlog` jobs of `spec`, then single jobs of it one after another, each
-    waited for; (the batch's id, each single job's seconds from submit to `stage`). Cancels the
-    batch."""
-    bulk_id, waits = singles_waits(client, spec, backlog, probes)
-    return bulk_id, waits[stage]
-
-
 def singles_waits(client: httpx.Client, spec: dict[str, Any], backlog: int,
                   probes: int) -> tuple[str, dict[str, list[float]]]:
-    """`singles_behind`, with the seconds to both stages: started_at (claimed) and finished_at."""
+    """Send a batch of `backlog` jobs of `spec`, then single jobs of it one after another, each
+    waited for; (the batch's id, each single job's seconds from submit to started_at (claimed) and
+    to finished_at). Cancels the batch."""
     response = client.post("/v1/batches", json={"items": tagged_items(backlog, "backlog", **spec)})
     assert response.status_code == 202, response.text[:2000]
     bulk_id = response.json()["id"]

@@ -210,11 +210,6 @@ class Staged:
         self._pending, self._heartbeat, self._held = pending, heartbeat, held
         self._stores: list[_Store] = []
         self._uploaded = False
-        self._requests = sum(len(requests) for group in pending for _, requests in group.jobs)
-
-    def ready(self) -> bool:
-        """Whether the forward passes are over (`complete` would not wait)."""
-        return all(group.result.done() for group in self._pending)
 
     def when_ready(self, callback: Callable[[], None]) -> None:
         """Call `callback` once, when every forward pass is over (at once if they are)."""
@@ -250,7 +245,7 @@ class Staged:
     def images(self) -> int:
         """Outputs to upload; before `complete`, the images asked of the engine."""
         if self._pending:
-            return self._requests
+            return sum(len(requests) for group in self._pending for _, requests in group.jobs)
         return sum(len(store.uploads) for store in self._stores)
 
     def store(self) -> list[Outcome]:

@@ -202,9 +202,6 @@ class _Running:
         self._engine, self._host, self._future, self._jobs, self._progress, self._priority = (
             engine, host, future, jobs, progress, priority)
 
-    def done(self) -> bool:
-        return self._future.done()
-
     def add_done_callback(self, callback: Callable[[], None]) -> None:
         self._future.add_done_callback(lambda _: callback())
 

@@ -68,8 +68,6 @@ def run_isolating(engine: Engine, requests: list[ImageRequest]) -> list[ImageRes
 class Running(Protocol):
     """A forward pass handed over: `result` waits for it (and raises Canceled if it was stopped)."""
 
-    def done(self) -> bool: ...
-
     def add_done_callback(self, callback: Callable[[], None]) -> None: ...
 
     def result(self) -> Forward: ...
@@ -80,9 +78,6 @@ class Ran:
 
     def __init__(self, forward: Forward | None, canceled: Canceled | None = None) -> None:
         self._forward, self._canceled = forward, canceled
-
-    def done(self) -> bool:
-        return True
 
     def add_done_callback(self, callback: Callable[[], None]) -> None:
         callback()
