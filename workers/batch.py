@@ -441,7 +441,8 @@ class MicroBatch:
         watch = Watch(self.settings, [outcome.job for outcome, _ in pending])
         interactive = any(outcome.job.batch_id is None for outcome, _ in pending)
         load_seconds = time.perf_counter() - loading
-        result = submit(engine, [requests for _, requests in pending], watch, interactive)
+        result = submit(engine, [requests for _, requests in pending], watch, interactive,
+                        self.settings.progress_interval)
         return [_Pending(engine, pending, watch, result, load_seconds)]
 
     def _complete(self, group: _Pending) -> list[_Store]:

@@ -14,8 +14,9 @@ with it. Messages are pickled tuples on a socket pair: ("load", id, priority, na
 exception), in priority order (interactive micro-batches before bulk ones, then first come first
 served); ("status", id) is answered at once, even during a run (device and memory, for the
 workers table); ("cancel", id) stops a run. During a run the host sends ("step", id, done, total) at most
-once per `interval` seconds; the worker's reader thread passes it to the run's progress callback
-and sends the cancel when it says stop, so cancels and progress work as they do in process.
+once per `interval` seconds; the worker passes it to the run's progress callback (on a thread of
+its own: the callback writes to the database) and sends the cancel when it says stop, so cancels
+and progress work as they do in process.
 
 If the host dies, every call waiting on it raises `HostDied` and the next call starts a fresh one.
 Each micro-batch it held is run again on the fresh host, whole, then in halves, until the job that
@@ -39,7 +40,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -79,6 +80,11 @@ class _Host:
         self._calls: dict[int, tuple[Future[Any], Progress | None]] = {}
         self._dead: HostDied | None = None
         self.started = False  # whether it said it is ready: one that dies before failed to start
+        # Steps are recorded on a thread of their own: a progress callback writes to the database,
+        # which must not hold up the answers behind it. A call's next step is dropped while its last
+        # one is still being recorded (a slow database thins them further instead of queueing them).
+        self._steps = ThreadPoolExecutor(1, thread_name_prefix="engine-progress")
+        self._stepping: set[int] = set()
         threading.Thread(target=self._read, name="engine-host", daemon=True).start()
 
     @property
@@ -127,13 +133,25 @@ class _Host:
                 continue
             future, progress = call
             if kind == "step":
-                if progress is not None and not progress(*rest):
-                    self._send(("cancel", call_id))
+                if progress is not None and call_id not in self._stepping:
+                    self._stepping.add(call_id)
+                    self._steps.submit(self._step, call_id, progress, *rest)
                 continue
             if kind == "ok":
                 future.set_result(rest[0])
             else:
                 future.set_exception(rest[0])
+
+    def _step(self, call_id: int, progress: Progress, done: int, total: int) -> None:
+        try:
+            if not progress(done, total):
+                self._send(("cancel", call_id))
+        except OSError:  # the host is gone: the reader hears of it
+            pass
+        except Exception:
+            log.exception("recording a step of the engine process failed")
+        finally:
+            self._stepping.discard(call_id)
 
     def _die(self, exc: BaseException) -> None:
         """Fail every waiting call, and make sure the process is gone."""
@@ -144,6 +162,7 @@ class _Host:
             calls, self._calls = list(self._calls.values()), {}
         for future, _ in calls:
             future.set_exception(self._dead)
+        self._steps.shutdown(wait=False, cancel_futures=True)
         self._conn.close()
         if self.process.poll() is None:
             self.process.kill()

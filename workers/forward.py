@@ -13,6 +13,7 @@ from typing import Protocol
 
 from core.errors import Step1XError
 from models.engine import Canceled, Engine, ImageRequest, ImageResult, Progress
+from workers.progress import throttled
 
 log = logging.getLogger(__name__)
 
@@ -89,16 +90,17 @@ class Ran:
         return self._forward
 
 
-def submit(engine: Engine, jobs: list[list[ImageRequest]], progress: Progress, interactive: bool) -> Running:
+def submit(engine: Engine, jobs: list[list[ImageRequest]], progress: Progress, interactive: bool,
+           interval: float) -> Running:
     """Start the forward pass. An engine in the worker process runs it now, in this thread; one in
     the engine process runs it there (interactive micro-batches before bulk ones waiting), and
-    this thread goes on."""
+    this thread goes on. Either way `progress` hears of the steps at most once per `interval`."""
     from workers.engine_host import HostedEngine
 
     if isinstance(engine, HostedEngine):
-        return engine.submit(jobs, progress, interactive)
+        return engine.submit(jobs, progress, interactive)  # the engine process thins the steps
     try:
-        with engine.watched(progress):
+        with engine.watched(throttled(progress, interval)):
             return Ran(forward(engine, jobs))
     except Canceled as exc:
         return Ran(None, exc)

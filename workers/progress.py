@@ -1,9 +1,12 @@
 """The engine's progress callback for one running micro-batch: records each job's progress and
 stops the run once every job in it was canceled.
 
-The engine calls it after every diffusion step or upscale tile, far more often than the database
-should be asked, so it looks at most once per STEP1X_PROGRESS_INTERVAL. A database that does not
-answer only delays both: the run goes on.
+The engine calls its progress callback after every diffusion step or upscale tile, far more often
+than the database should be asked, so the steps reach the Watch at most once per
+STEP1X_PROGRESS_INTERVAL, thinned once where they are made: by `throttled` for an engine in the
+worker process, by the engine process before it sends a step (`workers.engine_host`). Thinned twice,
+a step arriving a little early would be dropped and a cancel would wait two intervals. A database
+that does not answer only delays both: the run goes on.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from core.db import session_scope
 from core.settings import Settings
 from core.status import JobStatus
 from core.tables import Job
+from models.engine import Progress
 
 if TYPE_CHECKING:
     from workers.batch import Claimed
@@ -32,14 +36,9 @@ class Watch:
         self.settings = settings
         self.jobs = list(jobs)
         self.canceled: set[str] = set()
-        self._last = time.monotonic()
 
     def __call__(self, done: int, total: int) -> bool:
-        """Whether the run should go on."""
-        now = time.monotonic()
-        if now - self._last < self.settings.progress_interval:
-            return True
-        self._last = now
+        """Record the progress and look for cancels; whether the run should go on."""
         try:
             self._record(done / total if total else 0.0)
         except Exception as exc:  # progress is best effort: the run goes on without it
@@ -67,3 +66,19 @@ class Watch:
         with session_scope(self.settings.database_url) as session:
             self.canceled |= self._canceled(session)
         return self.canceled
+
+
+def throttled(progress: Progress, interval: float) -> Progress:
+    """`progress`, called at most once per `interval` seconds (the first time one interval from now);
+    the calls in between say go on."""
+    last = time.monotonic()
+
+    def call(done: int, total: int) -> bool:
+        nonlocal last
+        now = time.monotonic()
+        if now - last < interval:
+            return True
+        last = now
+        return progress(done, total)
+
+    return call

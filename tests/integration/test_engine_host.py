@@ -123,6 +123,30 @@ def test_a_cancel_stops_a_hosted_run(settings, hosted):
     assert len(after.results[0]) == 1  # the host goes on
 
 
+def test_a_step_being_recorded_does_not_hold_up_the_answer(settings, hosted):
+    """The progress callback writes to the database: while one is slow, the run's answer still
+    arrives, and the run's later steps are dropped rather than queued behind it."""
+    settings.progress_interval = 0.0
+    engine = hosted.get("tiny-sd")
+    entered, release = threading.Event(), threading.Event()
+    steps: list[int] = []
+
+    def slow(done, total):
+        steps.append(done)
+        entered.set()
+        release.wait(120)
+        return True
+
+    answered: list[object] = []
+    waiter = threading.Thread(target=lambda: answered.append(engine.submit([generate(1, steps=6)], slow,
+                                                                           interactive=True).result()))
+    waiter.start()
+    waiter.join(60)
+    release.set()
+    assert answered and len(answered[0].results[0]) == 1  # answered while the first step was held
+    assert entered.wait(10) and steps == [steps[0]]
+
+
 def test_a_host_that_dies_mid_run_is_replaced_and_the_micro_batch_runs_again(settings, hosted):
     settings.progress_interval = 0.0
     engine = hosted.get("tiny-sd")

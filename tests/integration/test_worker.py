@@ -21,6 +21,7 @@ from core.tables import Batch, File, Job, utcnow
 from models.profiles import Registry
 from tests.integration.helpers import api_client, mask_png, png, upload
 from workers.batch import Heartbeat, MicroBatch, Outcome, claim, finish, release
+from workers.progress import Watch
 from workers.reconcile import reconcile
 
 pytestmark = pytest.mark.integration
@@ -306,6 +307,21 @@ def test_reconciler_stamps_batches_whose_last_job_ended_unnoticed(settings, work
     assert client.get(f"/v1/batches/{batch_id}").json()["finished_at"] is None
     reconcile(settings)
     assert client.get(f"/v1/batches/{batch_id}").json()["finished_at"] is not None
+
+
+def test_the_watch_records_progress_and_sees_a_cancel_every_time_it_is_asked(settings):
+    """Steps reach the Watch already thinned (`throttled`, or by the engine process): it looks every
+    time, so a cancel stops the run at the first step after it, not an interval later."""
+    settings.progress_interval = 3600.0
+    _, job_id = one_upscale(settings, api_client(settings))
+    with session_scope(settings.database_url) as session:
+        claimed = claim(session, [job_id], "test@host", settings)
+    watch = Watch(settings, claimed)
+    assert watch(1, 4)
+    with session_scope(settings.database_url) as session:
+        assert session.get(Job, job_id).progress == 0.25
+        session.execute(update(Job).where(Job.id == job_id).values(status=JobStatus.CANCELED))
+    assert not watch(2, 4)
 
 
 def test_canceling_a_finished_batch_keeps_its_status(settings, worker):
