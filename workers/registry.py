@@ -15,8 +15,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from celery.signals import celeryd_after_setup, worker_process_init
@@ -55,14 +54,6 @@ class Presence:
         self._device: tuple[str, int | None] | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-heartbeat", daemon=True)
-
-    @contextmanager
-    def holding(self, job_ids: Sequence[str], model: str) -> Iterator[None]:
-        held = self.hold(job_ids, model)
-        try:
-            yield
-        finally:
-            self.let_go(held)
 
     def hold(self, job_ids: Sequence[str], model: str) -> dict[str, Any]:
         """The micro-batch in hand from now; `let_go` with what this returns."""

@@ -24,6 +24,7 @@ from sqlalchemy import delete
 from core.db import session_scope
 from core.settings import get_settings
 from core.tables import WorkerSample, utcnow
+from workers.registry import rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,9 @@ JOBS = Counter("step1x_worker_jobs", "Jobs this worker finished, by outcome", ["
 
 
 def _rss_bytes() -> float:
-    try:
-        with open("/proc/self/statm") as statm:
-            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:  # not Linux: the peak is the best the standard library offers
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    resident = rss_bytes()
+    # Not Linux: the peak is the best the standard library offers.
+    return float(resident if resident is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def _gpu_bytes() -> float:

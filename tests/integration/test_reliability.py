@@ -110,18 +110,19 @@ def test_the_heartbeat_records_the_worker_and_its_shutdown(settings, engine_proc
         presence.engine_status = engines.status
         assert engines.status() is not None  # waits for the engine process to be up
     presence.start()
-    with presence.holding(["job_a", "job_b"], "lanczos-x4"):
-        time.sleep(0.5)
-        with session_scope(settings.database_url) as session:
-            row = session.get(WorkerRow, "cpu@test")
-            assert (row.device, row.queues, row.profiles) == ("cpu", ["interactive", "bulk"], ["lanczos-x4"])
-            assert row.current["job_ids"] == ["job_a", "job_b"] and row.current["model"] == "lanczos-x4"
-            assert row.rss_bytes > 10_000_000 and row.stopped_at is None
-            assert (utcnow() - row.heartbeat_at).total_seconds() < 2
-            if engine_process:
-                status = engines.status()
-                assert status is not None and status["device"] == "cpu" and status["rss_bytes"] > 10_000_000
-                assert row.rss_bytes > status["rss_bytes"]  # both processes
+    held = presence.hold(["job_a", "job_b"], "lanczos-x4")
+    time.sleep(0.5)
+    with session_scope(settings.database_url) as session:
+        row = session.get(WorkerRow, "cpu@test")
+        assert (row.device, row.queues, row.profiles) == ("cpu", ["interactive", "bulk"], ["lanczos-x4"])
+        assert row.current["job_ids"] == ["job_a", "job_b"] and row.current["model"] == "lanczos-x4"
+        assert row.rss_bytes > 10_000_000 and row.stopped_at is None
+        assert (utcnow() - row.heartbeat_at).total_seconds() < 2
+        if engine_process:
+            status = engines.status()
+            assert status is not None and status["device"] == "cpu" and status["rss_bytes"] > 10_000_000
+            assert row.rss_bytes > status["rss_bytes"]  # both processes
+    presence.let_go(held)
     presence.images_done = 7
     presence.stop()
     engines.close()
