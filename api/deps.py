@@ -16,12 +16,15 @@ from core.settings import Settings
 from core.storage import Storage
 
 
-def settings_dep(request: Request) -> Settings:
+# The dependencies that do no I/O are `async def`: FastAPI runs a plain `def` dependency in its
+# thread pool, and each hop there and back cost a request about 0.3 ms (a GET of a batch went
+# from four hops to two).
+async def settings_dep(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def storage_dep(request: Request) -> Storage:
+async def storage_dep(request: Request) -> Storage:
     storage: Storage = request.app.state.storage
     return storage
 
@@ -61,7 +64,7 @@ def known_id(kind: str, value: str) -> str:
     return value
 
 
-def path_ids_dep(request: Request, _: Annotated[str, Depends(tenant_dep)]) -> None:
+async def path_ids_dep(request: Request, _: Annotated[str, Depends(tenant_dep)]) -> None:
     """Every id in the path has the shape of one this API issues, or the answer is 404. A dependency
     of every /v1 router, so no route can forget it; after authentication, so a caller without a key
     still gets 401."""
@@ -70,7 +73,7 @@ def path_ids_dep(request: Request, _: Annotated[str, Depends(tenant_dep)]) -> No
             known_id(kind, value)
 
 
-def cursor_dep(cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None
+async def cursor_dep(cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None
                ) -> str | None:
     if not cursor:
         return None
