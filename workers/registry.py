@@ -52,6 +52,10 @@ class Presence:
         self.profiles: Callable[[], list[str]] = list
         self.engine_status: Callable[[], dict[str, Any] | None] | None = None
         self._device: tuple[str, int | None] | None = None
+        # The worker's resident and GPU memory as the last beat found them (None: not known yet),
+        # for this process's gauges (`workers.telemetry`): with an engine process, both processes'
+        # RSS and that process's GPU memory, which this one cannot see.
+        self.memory: tuple[int | None, int | None] = (None, None)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker-heartbeat", daemon=True)
 
@@ -66,9 +70,10 @@ class Presence:
             self.current = None
 
     def _fields(self) -> dict[str, Any]:
+        engine = self._engine()
+        self.memory = (engine.get("rss_bytes"), engine.get("gpu_memory_bytes"))
         return {"host": socket.gethostname(), "pid": os.getpid(), "queues": self.queues, "profiles": self.profiles(),
-                "current": self.current, "images_done": self.images_done, **self._engine(),
-                "heartbeat_at": utcnow()}
+                "current": self.current, "images_done": self.images_done, **engine, "heartbeat_at": utcnow()}
 
     def _engine(self) -> dict[str, Any]:
         """Device and memory: of this process, or where the engines run in a process of their own,

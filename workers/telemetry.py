@@ -24,7 +24,7 @@ from sqlalchemy import delete
 from core.db import session_scope
 from core.settings import get_settings
 from core.tables import WorkerSample, utcnow
-from workers.registry import rss_bytes
+from workers.registry import Presence, current, rss_bytes
 
 log = logging.getLogger(__name__)
 
@@ -37,21 +37,25 @@ IMAGES = Counter("step1x_images_produced", "Output images stored", ["model"])
 JOBS = Counter("step1x_worker_jobs", "Jobs this worker finished, by outcome", ["status", "model"])
 
 
-def _rss_bytes() -> float:
-    resident = rss_bytes()
-    # Not Linux: the peak is the best the standard library offers.
-    return float(resident if resident is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+def worker_memory(presence: Presence | None) -> tuple[float, float]:
+    """(resident, GPU) bytes of this worker: as its last heartbeat found them, which with an engine
+    process (STEP1X_ENGINE_PROCESS) are both processes' RSS and that process's GPU memory; this
+    process's own before the first beat."""
+    rss, gpu = presence.memory if presence is not None else (None, None)
+    if rss is None:
+        resident = rss_bytes()
+        # Not Linux: the peak is the best the standard library offers.
+        rss = resident if resident is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if gpu is None:
+        torch = sys.modules.get("torch")  # only once the models imported it; never imported from here
+        gpu = torch.cuda.memory_allocated() if torch is not None and torch.cuda.is_available() else 0
+    return float(rss), float(gpu)
 
 
-def _gpu_bytes() -> float:
-    torch = sys.modules.get("torch")  # only once the models imported it; never imported from here
-    if torch is None or not torch.cuda.is_available():
-        return 0.0
-    return float(torch.cuda.memory_allocated())
-
-
-Gauge("step1x_worker_process_rss_bytes", "Resident memory of this worker process").set_function(_rss_bytes)
-Gauge("step1x_worker_process_gpu_memory_bytes", "GPU memory torch holds in this process").set_function(_gpu_bytes)
+Gauge("step1x_worker_process_rss_bytes", "Resident memory of this worker (with an engine process, of both)"
+      ).set_function(lambda: worker_memory(current())[0])
+Gauge("step1x_worker_process_gpu_memory_bytes", "GPU memory torch holds in this worker (in its engine process)"
+      ).set_function(lambda: worker_memory(current())[1])
 
 
 SAMPLE_EVERY = 60.0
@@ -84,8 +88,9 @@ def record(outcomes: Sequence[Any], worker: str) -> None:
 def sample(worker: str) -> None:
     now = utcnow()
     with session_scope(get_settings().database_url) as session:
-        session.add(WorkerSample(worker=worker, at=now, rss_bytes=int(_rss_bytes()),
-                                 gpu_memory_bytes=int(_gpu_bytes()), images=_images[0]))
+        rss, gpu = worker_memory(current())
+        session.add(WorkerSample(worker=worker, at=now, rss_bytes=int(rss), gpu_memory_bytes=int(gpu),
+                                 images=_images[0]))
         session.execute(delete(WorkerSample).where(WorkerSample.worker == worker,
                                                    WorkerSample.at < now - KEEP_SAMPLES))
 

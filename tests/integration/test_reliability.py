@@ -16,10 +16,11 @@ from core.storage import Storage
 from core.tables import Batch, Job, ReconcilerRun, WorkerRow, utcnow
 from models.profiles import Registry
 from tests.integration.helpers import api_client, png, upload
+from workers import telemetry
 from workers.batch import MicroBatch, Outcome, claim, finish
 from workers.engine_host import HostedRegistry
 from workers.reconcile import reconcile
-from workers.registry import Presence
+from workers.registry import Presence, rss_bytes
 
 pytestmark = pytest.mark.integration
 
@@ -122,6 +123,12 @@ def test_the_heartbeat_records_the_worker_and_its_shutdown(settings, engine_proc
             status = engines.status()
             assert status is not None and status["device"] == "cpu" and status["rss_bytes"] > 10_000_000
             assert row.rss_bytes > status["rss_bytes"]  # both processes
+    # This process's gauges and memory samples (workers.telemetry) carry the last beat's figures:
+    # with an engine process, both processes' memory, not this one's alone.
+    rss, gpu = telemetry.worker_memory(presence)
+    assert rss > 10_000_000 and gpu == 0.0
+    if engine_process:
+        assert rss > (rss_bytes() or 0) and rss > status["rss_bytes"]
     presence.let_go(held)
     presence.images_done = 7
     presence.stop()
