@@ -73,8 +73,8 @@ async def path_ids_dep(request: Request, _: Annotated[str, Depends(tenant_dep)])
             known_id(kind, value)
 
 
-async def cursor_dep(cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None
-               ) -> str | None:
+async def cursor_dep(
+        cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page")] = None) -> str | None:
     if not cursor:
         return None
     if not _IDS["job"].fullmatch(cursor):

@@ -8,6 +8,7 @@ is asked for the same 10,000-job batch in turn, interleaved, repeated; median mi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import statistics
@@ -16,10 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from rich.console import Console
 
 from api import deps
@@ -48,7 +49,7 @@ def threaded_app() -> FastAPI:
         storage: Storage = request.app.state.storage
         return storage
 
-    def path_ids_dep(request: Request) -> None:
+    def path_ids_dep(request: Request, _: Annotated[str, Depends(deps.tenant_dep)]) -> None:
         for name, value in request.path_params.items():
             if kind := deps._PATH_IDS.get(name):
                 deps.known_id(kind, value)
@@ -61,36 +62,38 @@ def threaded_app() -> FastAPI:
     return app
 
 
-def start(stack: BenchStack, factory: str) -> tuple[subprocess.Popen[Any], httpx.Client]:
+def start(stack: BenchStack, factory: str, apis: list[tuple[subprocess.Popen[Any], httpx.Client]]) -> httpx.Client:
+    """An API process from `factory` on the stack's database, added to `apis` once started."""
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "uvicorn", factory, "--factory", "--host", "127.0.0.1",
                                 "--port", str(port), "--log-level", "warning"], env={**os.environ, **stack.env})
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {stack.key}"})
+    apis.append((process, client))
     deadline = time.monotonic() + 60
-    while True:
-        try:
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
             if client.get("/healthz").status_code == 200:
-                return process, client
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+                return client
+        time.sleep(0.1)
+    raise RuntimeError(f"the API from {factory} did not start (exit code {process.poll()})")
 
 
 def main() -> dict[str, Any]:
     runs: dict[str, list[float]] = {"async_ms": [], "threaded_ms": []}
     with tempfile.TemporaryDirectory() as tmp, BenchStack(Path(tmp), Path(tmp) / "models") as stack:
         stack.stop_api()
-        apis = {"async_ms": start(stack, "api.app:create_app"), "threaded_ms": start(stack, "bench.hops:threaded_app")}
+        running: list[tuple[subprocess.Popen[Any], httpx.Client]] = []
         try:
-            _, client = apis["async_ms"]
+            apis = {"async_ms": start(stack, "api.app:create_app", running),
+                    "threaded_ms": start(stack, "bench.hops:threaded_app", running)}
+            client = apis["async_ms"]
             response = client.post("/v1/batches/manifest", content=manifest(10_000),
                                    headers={"Content-Type": "application/x-ndjson"})
             assert response.status_code == 202, response.text[:2000]
             path = f"/v1/batches/{response.json()['id']}"
             for repeat in range(REPEATS):
                 console.print(f"[bold]hops[/bold] run {repeat + 1}/{REPEATS}")
-                for name, (_, client) in apis.items():
+                for name, client in apis.items():
                     reads = []
                     for _ in range(READS):
                         started = time.perf_counter()
@@ -98,7 +101,7 @@ def main() -> dict[str, Any]:
                         reads.append(time.perf_counter() - started)
                     runs[name].append(statistics.median(reads) * 1000)
         finally:
-            for process, client in apis.values():
+            for process, client in running:
                 client.close()
                 process.terminate()
                 process.wait()

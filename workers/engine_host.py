@@ -27,7 +27,9 @@ infrastructure trouble, not bisected into failed jobs.
 
 from __future__ import annotations
 
+import contextlib
 import copyreg
+import functools
 import itertools
 import logging
 import os
@@ -80,11 +82,12 @@ class _Host:
         self._calls: dict[int, tuple[Future[Any], Progress | None]] = {}
         self._dead: HostDied | None = None
         self.started = False  # whether it said it is ready: one that dies before failed to start
-        # Steps are recorded on a thread of their own: a progress callback writes to the database,
-        # which must not hold up the answers behind it. A call's next step is dropped while its last
-        # one is still being recorded (a slow database thins them further instead of queueing them).
-        self._steps = ThreadPoolExecutor(1, thread_name_prefix="engine-progress")
-        self._stepping: set[int] = set()
+        # Steps are recorded on threads of their own: a progress callback writes to the database,
+        # which must not hold up other calls' answers. A call's next step is dropped while its last
+        # one is still being recorded (a slow database thins them further instead of queueing them),
+        # and its own answer waits for that one. Only the reader touches `_stepping`.
+        self._steps = ThreadPoolExecutor(4, thread_name_prefix="engine-progress")
+        self._stepping: dict[int, Future[None]] = {}  # each call's last step sent to be recorded
         threading.Thread(target=self._read, name="engine-host", daemon=True).start()
 
     @property
@@ -133,25 +136,28 @@ class _Host:
                 continue
             future, progress = call
             if kind == "step":
-                if progress is not None and call_id not in self._stepping:
-                    self._stepping.add(call_id)
-                    self._steps.submit(self._step, call_id, progress, *rest)
+                last = self._stepping.get(call_id)
+                if progress is not None and (last is None or last.done()):
+                    with contextlib.suppress(RuntimeError):  # shut down: the host died, or we exit
+                        self._stepping[call_id] = self._steps.submit(self._step, call_id, progress, *rest)
                 continue
-            if kind == "ok":
-                future.set_result(rest[0])
+            # After the call's last step is recorded: no progress write of a call outlives its
+            # answer, after which the finishing transaction updates the same rows. At once if it is.
+            last = self._stepping.pop(call_id, None)
+            if last is None:
+                _resolve(future, kind, rest[0])
             else:
-                future.set_exception(rest[0])
+                last.add_done_callback(functools.partial(_resolved, future, kind, rest[0]))
 
     def _step(self, call_id: int, progress: Progress, done: int, total: int) -> None:
         try:
-            if not progress(done, total):
-                self._send(("cancel", call_id))
-        except OSError:  # the host is gone: the reader hears of it
-            pass
+            go_on = progress(done, total)
         except Exception:
             log.exception("recording a step of the engine process failed")
-        finally:
-            self._stepping.discard(call_id)
+            go_on = True
+        if not go_on:
+            with contextlib.suppress(OSError):  # the host is gone: the reader hears of it
+                self._send(("cancel", call_id))
 
     def _die(self, exc: BaseException) -> None:
         """Fail every waiting call, and make sure the process is gone."""
@@ -162,14 +168,26 @@ class _Host:
             calls, self._calls = list(self._calls.values()), {}
         for future, _ in calls:
             future.set_exception(self._dead)
-        self._steps.shutdown(wait=False, cancel_futures=True)
-        self._conn.close()
+        self._steps.shutdown(wait=False)  # what waits there still runs: answers held behind a step
+        with self._sending:  # not in the middle of a cancel sent from the steps thread
+            self._conn.close()
         if self.process.poll() is None:
             self.process.kill()
 
     def close(self) -> None:
         self._die(EOFError("closed by the worker"))
         self.process.wait()
+
+
+def _resolve(future: Future[Any], kind: str, value: Any) -> None:
+    if kind == "ok":
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def _resolved(future: Future[Any], kind: str, value: Any, _step: Future[None]) -> None:
+    _resolve(future, kind, value)
 
 
 class HostedEngine(Engine):

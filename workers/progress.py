@@ -46,7 +46,9 @@ class Watch:
         return len(self.canceled) < len(self.jobs)
 
     def _record(self, fraction: float) -> None:
-        live = [job for job in self.jobs if job.id not in self.canceled]
+        # In the order the heartbeat and the finishing UPDATE lock job rows: never a cycle with them.
+        live = sorted((job for job in self.jobs if job.id not in self.canceled),
+                      key=lambda job: (job.batch_id or "", job.id))
         table = Job.__table__
         assert isinstance(table, Table)
         with session_scope(self.settings.database_url) as session:
