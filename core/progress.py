@@ -17,6 +17,7 @@ triggers: call `install(connection)` again after it; tests check they exist at h
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Protocol
 
 from sqlalchemy import Connection, func, select, text, update
 from sqlalchemy.engine import CursorResult
@@ -24,6 +25,23 @@ from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from core.status import JobStatus
 from core.tables import Batch, Job, utcnow
+
+
+class _JobRow(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def batch_id(self) -> str | None: ...
+
+
+def lock_order(job: _JobRow) -> tuple[str, str]:
+    """The order every writer of several job rows in one transaction takes them in. Each job's
+    status change also moves its batch's counters (the triggers below), which locks the batch row:
+    two transactions taking the same jobs and batches in the same order never wait on each other
+    in a cycle."""
+    return job.batch_id or "", job.id
+
 
 COUNTERS: Mapping[JobStatus, InstrumentedAttribute[int]] = {
     status: getattr(Batch, f"{status.value}_count") for status in JobStatus}

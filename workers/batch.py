@@ -36,6 +36,7 @@ from core.errors import InvalidInput, NotFound, Step1XError
 from core.formats import CONTENT_TYPES, encode, flatten
 from core.jobs import complete_batches
 from core.masks import as_mask
+from core.progress import lock_order
 from core.settings import Settings
 from core.specs import parse_item
 from core.status import RETRYABLE, ErrorCode, JobStatus, failure, sources_of
@@ -566,12 +567,6 @@ class MicroBatch:
         return True
 
 
-def _lock_order(outcome: Outcome) -> tuple[str, str]:
-    """Each job's status change also moves its batch's counters (a trigger), which locks the batch
-    row: two workers finishing jobs of the same batches lock them in the same order, never a cycle."""
-    return outcome.job.batch_id or "", outcome.job.id
-
-
 # Set by the finishing UPDATE from each outcome (lease_until and outage_since are cleared besides).
 _FINISHED = ("status", "error", "error_code", "retryable", "output_keys", "result", "timings", "fingerprint",
              "finished_at", "progress", *Usage().columns())
@@ -599,7 +594,7 @@ def finish(settings: Settings, outcomes: Sequence[Outcome], one_statement: bool 
         "output_keys": o.output_keys or None, "result": o.result or None, "timings": o.timings,
         "fingerprint": o.fingerprint, "finished_at": now,
         "progress": 1.0 if o.status == JobStatus.SUCCEEDED else 0.0, **o.usage.columns(),
-    } for o in sorted(outcomes, key=_lock_order) if o.status != JobStatus.CANCELED]
+    } for o in sorted(outcomes, key=lambda o: lock_order(o.job)) if o.status != JobStatus.CANCELED]
     with session_scope(settings.database_url) as session:
         record(session.connection(), rows, one_statement)
         complete_batches(session, {o.job.batch_id for o in outcomes if o.job.batch_id})
@@ -658,7 +653,7 @@ def release(settings: Settings, claimed: Sequence[Claimed], error: str) -> None:
     now = utcnow()
     over_budget = now - timedelta(seconds=settings.outage_budget)
     with session_scope(settings.database_url) as session:
-        for job in sorted(claimed, key=lambda c: (c.batch_id or "", c.id)):  # lock order, as in finish
+        for job in sorted(claimed, key=lock_order):
             this_run = (Job.id == job.id, Job.claims == job.claims, Job.status == JobStatus.RUNNING)
             session.execute(
                 update(Job).where(*this_run, Job.outage_since < over_budget)
@@ -691,7 +686,7 @@ class Heartbeat:
         while not self._stop.wait(seconds / 3):
             try:
                 with session_scope(self.settings.database_url) as session:
-                    for job in sorted(self.claimed, key=lambda c: (c.batch_id or "", c.id)):  # finish's lock order
+                    for job in sorted(self.claimed, key=lock_order):
                         session.execute(
                             update(Job).where(Job.id == job.id, Job.claims == job.claims,
                                               Job.status == JobStatus.RUNNING)

@@ -40,7 +40,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
@@ -53,6 +52,7 @@ from models.caches import LRUCache
 from models.engine import Engine, ImageRequest, ImageResult, Progress
 from models.profiles import Registry
 from workers.forward import Forward, forward
+from workers.progress import throttled
 from workers.registry import rss_bytes
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class _Host:
             if last is None:
                 _resolve(future, kind, rest[0])
             else:
-                last.add_done_callback(functools.partial(_resolved, future, kind, rest[0]))
+                last.add_done_callback(functools.partial(_resolve, future, kind, rest[0]))
 
     def _step(self, call_id: int, progress: Progress, done: int, total: int) -> None:
         try:
@@ -179,15 +179,12 @@ class _Host:
         self.process.wait()
 
 
-def _resolve(future: Future[Any], kind: str, value: Any) -> None:
+def _resolve(future: Future[Any], kind: str, value: Any, _step: Future[None] | None = None) -> None:
+    """Answer a call; `_step`: the step it waited for, when it is a done-callback of one."""
     if kind == "ok":
         future.set_result(value)
     else:
         future.set_exception(value)
-
-
-def _resolved(future: Future[Any], kind: str, value: Any, _step: Future[None]) -> None:
-    _resolve(future, kind, value)
 
 
 class HostedEngine(Engine):
@@ -370,14 +367,15 @@ def serve(conn: Connection, settings: Settings) -> None:
             device = getattr(getattr(engine, "device", None), "type", "cpu")
             return {"task": engine.task, "model_hash": engine.model_hash, "device": str(device)}
         jobs, interval = args
-        last = time.monotonic()
+        def send(done: int, total: int) -> bool:
+            outbox.put(("step", call_id, done, total))
+            return True
+
+        step = throttled(send, interval)
 
         def progress(done: int, total: int) -> bool:
-            nonlocal last
-            if time.monotonic() - last >= interval:
-                outbox.put(("step", call_id, done, total))
-                last = time.monotonic()
-            return call_id not in canceled
+            step(done, total)
+            return call_id not in canceled  # looked at every step: a cancel is a set lookup here
 
         with engine.watched(progress):
             done = forward(engine, jobs)

@@ -20,6 +20,7 @@ from sqlalchemy import Table, bindparam, select, update
 from sqlalchemy.orm import Session
 
 from core.db import session_scope
+from core.progress import lock_order
 from core.settings import Settings
 from core.status import JobStatus
 from core.tables import Job
@@ -46,9 +47,7 @@ class Watch:
         return len(self.canceled) < len(self.jobs)
 
     def _record(self, fraction: float) -> None:
-        # In the order the heartbeat and the finishing UPDATE lock job rows: never a cycle with them.
-        live = sorted((job for job in self.jobs if job.id not in self.canceled),
-                      key=lambda job: (job.batch_id or "", job.id))
+        live = sorted((job for job in self.jobs if job.id not in self.canceled), key=lock_order)
         table = Job.__table__
         assert isinstance(table, Table)
         with session_scope(self.settings.database_url) as session:
