@@ -46,6 +46,7 @@ from multiprocessing.connection import Connection
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+from core import heap
 from core.services import die_with_parent
 from core.settings import Settings, get_settings
 from models.caches import LRUCache
@@ -325,6 +326,10 @@ def serve(conn: Connection, settings: Settings) -> None:
     even while a large answer waits for the worker to read it. Either one failing ends the process,
     which the worker sees as its death, rather than leaving calls unanswered."""
     registry = Registry(settings)
+    if settings.freeze_heap:
+        # Before any model loads: an evicted model's cycles must stay collectable (its `close`
+        # collects them to give its GPU memory back).
+        heap.freeze()
     work: queue.PriorityQueue[tuple[int, int, tuple[Any, ...]]] = queue.PriorityQueue()
     outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
     active: set[int] = set()  # calls queued or running: a cancel for any other is dropped

@@ -24,6 +24,7 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_process_init, worker_process_shutdown
 
+from core import heap
 from core.dispatch import RUN_BATCH
 from core.settings import Settings, get_settings
 from core.storage import Storage
@@ -66,6 +67,8 @@ def _warm(**_: Any) -> None:
         _worker_state()
     except Exception:  # not cached: the first task tries again and reports it
         log.exception("the worker's state could not be built at start")
+    if get_settings().freeze_heap:
+        heap.freeze()  # torch, SQLAlchemy, Celery and the state just built live as long as this process
 
 
 @worker_process_shutdown.connect
