@@ -22,7 +22,7 @@ from functools import cache
 from typing import Any
 
 from celery import Task
-from celery.signals import worker_process_init, worker_process_shutdown
+from celery.signals import worker_init, worker_process_init, worker_process_shutdown
 
 from core import heap
 from core.dispatch import RUN_BATCH
@@ -58,6 +58,15 @@ def _worker_state() -> tuple[Storage, Registry | HostedRegistry, pipeline.Pipeli
     if lookahead is not None:
         log.info("reading inputs ahead: the next message of %s", ", ".join(queues))
     return storage, engines, pipeline.Pipeline(settings.pipeline_depth), lookahead
+
+
+@worker_init.connect
+def _freeze(**_: Any) -> None:
+    """In the worker's main process, which delivers the messages, before it forks the pool process:
+    what is imported is frozen there, and the pool process starts with it frozen too (no collection
+    of the pool process writes to the pages it shares with its parent)."""
+    if get_settings().freeze_heap:
+        heap.freeze()
 
 
 @worker_process_init.connect
