@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -157,12 +158,13 @@ def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -
     storage = Storage(stack.settings)
     data = noise_png(32)
     rounds: dict[str, list[float]] = {"system": [], "put": [], "celery": []}
+    run_id = uuid.uuid4().hex[:8]  # the repeats share one stack: each PUT a new object
     with bare_celery(stack) as celery_loop:
         for round_ in range(ROUNDS):
             rounds["system"].append(run_batch(client, tagged_items(n, f"noop{round_}", **spec))[1])
             started = time.perf_counter()
             for i in range(n):
-                storage.put(output_key("bench", "bare", f"job{round_}-{i}"), data, "image/png")
+                storage.put(output_key("bench", "bare", f"{run_id}-{round_}-{i}"), data, "image/png")
             rounds["put"].append(time.perf_counter() - started)
             rounds["celery"].append(celery_loop(n))
     system = rounds["system"]
@@ -181,11 +183,15 @@ def bare_celery(stack: BenchStack) -> Iterator[Callable[[int], float]]:
 
     broker = redis.Redis.from_url(stack.settings.redis_url)
     broker.delete(DONE)
-    env = {**os.environ, "BENCH_BROKER_URL": stack.settings.redis_url}
-    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench.noop", "worker", "-Q", QUEUE,
-                               "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING", *QUIET],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     app = app_for(stack.settings.redis_url)
+
+    def done_reaches(count: int, pause: float) -> None:
+        deadline = time.monotonic() + 120
+        while int(broker.get(DONE) or 0) < count:
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the bare Celery worker ran {int(broker.get(DONE) or 0)} of {count} tasks "
+                                   f"(exit code {worker.returncode})")
+            time.sleep(pause)
 
     def run(n: int) -> float:
         before = int(broker.get(DONE) or 0)
@@ -193,14 +199,16 @@ def bare_celery(stack: BenchStack) -> Iterator[Callable[[int], float]]:
         with app.producer_or_acquire() as producer:
             for _ in range(n):
                 app.send_task("bench.noop", queue=QUEUE, producer=producer)
-        while int(broker.get(DONE) or 0) < before + n:
-            time.sleep(0.005)
+        done_reaches(before + n, 0.005)
         return time.perf_counter() - started
 
+    env = {**os.environ, "BENCH_BROKER_URL": stack.settings.redis_url}
+    worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "bench.noop", "worker", "-Q", QUEUE,
+                               "--concurrency", "1", "--prefetch-multiplier", "1", "--loglevel", "WARNING", *QUIET],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         app.send_task("bench.noop", queue=QUEUE)  # wait for the worker to be up
-        while int(broker.get(DONE) or 0) < 1:
-            time.sleep(0.05)
+        done_reaches(1, 0.05)
         yield run
     finally:
         worker.terminate()

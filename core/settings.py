@@ -153,9 +153,9 @@ class Settings(BaseSettings):
     # shares no interpreter lock with the threads that store outputs, and the task thread claims
     # and prepares the next micro-batch while it runs. Off: in the task thread.
     engine_process: bool = True
-    # Leave what the worker's processes hold once started (torch, SQLAlchemy, a loaded model) out of
-    # the garbage collector's full collections (`core.heap`). Off: Python's default, for
-    # `python -m bench.collector` to compare.
+    # Leave what the worker's processes import at start (torch, SQLAlchemy, Celery) out of the
+    # garbage collector's full collections (`core.heap`); models load later and stay collectable.
+    # Off: Python's default, for `python -m bench.collector` to compare.
     freeze_heap: bool = True
     # boto3's own tries per S3 call before the micro-batch counts as interrupted and is retried whole.
     s3_max_attempts: int = 5

@@ -330,6 +330,7 @@ def serve(conn: Connection, settings: Settings) -> None:
         # Before any model loads: an evicted model's cycles must stay collectable (its `close`
         # collects them to give its GPU memory back).
         heap.freeze()
+    heap.report_pauses()
     work: queue.PriorityQueue[tuple[int, int, tuple[Any, ...]]] = queue.PriorityQueue()
     outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
     active: set[int] = set()  # calls queued or running: a cancel for any other is dropped

@@ -64,20 +64,24 @@ def _worker_state() -> tuple[Storage, Registry | HostedRegistry, pipeline.Pipeli
 def _freeze(**_: Any) -> None:
     """In the worker's main process, which delivers the messages, before it forks the pool process:
     what is imported is frozen there, and the pool process starts with it frozen too (no collection
-    of the pool process writes to the pages it shares with its parent)."""
+    of the pool process writes to the pages it shares with its parent). Long collections are
+    logged in both."""
     if get_settings().freeze_heap:
         heap.freeze()
+    heap.report_pauses()  # after the freeze's own collection, which is the start's
 
 
 @worker_process_init.connect
 def _warm(**_: Any) -> None:
     """Build the worker's state as the pool process starts, not when the first message comes."""
+    if get_settings().freeze_heap:
+        # What the fork brought is frozen; the state comes after, so what it replaces stays
+        # collectable (a dead engine process's handle, caught up in its exception's traceback).
+        heap.freeze()
     try:
         _worker_state()
     except Exception:  # not cached: the first task tries again and reports it
         log.exception("the worker's state could not be built at start")
-    if get_settings().freeze_heap:
-        heap.freeze()  # torch, SQLAlchemy, Celery and the state just built live as long as this process
 
 
 @worker_process_shutdown.connect
