@@ -2,20 +2,27 @@
 
 Keys are deterministic (`outputs/{tenant}/{batch}/{job}.png`), so a job that runs twice overwrites
 its output instead of leaving a duplicate. Writes and reads of whole objects, the workers' hot
-path, go through `ObjectClient` (one signed request on a connection pool); everything else through boto3.
+path, go through `ObjectClient` (signed requests on a connection pool; a micro-batch's outputs all
+at once through libcurl); everything else through boto3.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
 from urllib.parse import quote, urlsplit
 
 import boto3
+import pycurl
 import urllib3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -77,10 +84,102 @@ class ObjectClient:
         timeout = urllib3.Timeout(connect=10, read=60)
         self.pool = urllib3.connectionpool.connection_from_url(endpoint, maxsize=connections, retries=retries,
                                                                 timeout=timeout)
+        self.endpoint, self.attempts = f"{url.scheme}://{url.netloc}", attempts
         self._keys: dict[str, bytes] = {}
+        self._curls = threading.local()  # each thread's multi handle: its connections stay open between calls
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         self._send("PUT", bucket, key, data, content_type)
+
+    def put_many(self, bucket: str, objects: Iterable[tuple[str, bytes, str]], at_once: int,
+                 stored: Callable[[str, float], None] | None = None) -> None:
+        """PUT every (key, data, content type), `at_once` at a time, all from this thread through
+        libcurl's multi interface: the requests are built here (signing is a few hashes), libcurl
+        sends them and parses the replies in C, outside the GIL. Threads each sending one request
+        through urllib3 cost four times the CPU per object, and a worker's CPU is shared with its
+        engine and the storage service (`python -m bench.objects`). `objects` is read as slots free
+        up, so its items may still be in the making (encodes in other threads). `stored(key,
+        seconds)` is called as each one is stored. Connection errors and 5xx are retried like `put`;
+        on a refusal, or retries spent, what is in flight ends and ObjectError names the key."""
+        multi, idle = self._multi(at_once)
+        waiting = iter(objects)
+        retries: list[tuple[float, int, tuple[str, bytes, str]]] = []  # (not before, attempt, object)
+        active: dict[Any, tuple[int, tuple[str, bytes, str], io.BytesIO]] = {}
+        failure: str | None = None
+
+        def start(attempt: int, item: tuple[str, bytes, str]) -> None:
+            key, data, content_type = item
+            curl = idle.pop() if idle else _curl(self.endpoint)
+            path = quote(f"{self.base}/{bucket}/{key}", safe="/~")
+            reply = io.BytesIO()
+            curl.setopt(pycurl.URL, f"{self.endpoint}{path}")
+            curl.setopt(pycurl.POSTFIELDS, data)
+            curl.setopt(pycurl.CUSTOMREQUEST, "PUT")
+            # "Expect:" drops libcurl's 100-continue wait, a round trip per large object.
+            curl.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in
+                                            self.headers("PUT", path, data, content_type).items()] + ["Expect:"])
+            curl.setopt(pycurl.WRITEDATA, reply)
+            multi.add_handle(curl)
+            active[curl] = (attempt, item, reply)
+
+        def ended(curl: Any, error: str | None) -> None:
+            nonlocal failure
+            multi.remove_handle(curl)
+            idle.append(curl)
+            attempt, item, reply = active.pop(curl)
+            status = 0 if error else curl.getinfo(pycurl.RESPONSE_CODE)
+            if error is None and status < 300:
+                if stored is not None:
+                    stored(item[0], curl.getinfo(pycurl.TOTAL_TIME))
+                return
+            if (error is not None or status >= 500) and attempt < self.attempts and failure is None:
+                retries.append((time.monotonic() + 0.2 * 2 ** (attempt - 1), attempt + 1, item))
+                return
+            cause = error or f"HTTP {status}: {reply.getvalue()[:300]!r}"
+            failure = failure or f"PUT {item[0]!r} to {self.host}: {cause}"
+
+        try:
+            while True:
+                now = time.monotonic()
+                while failure is None and len(active) < at_once:
+                    due = next((r for r in retries if r[0] <= now), None)
+                    if due is not None:
+                        retries.remove(due)
+                        start(due[1], due[2])
+                    elif (item := next(waiting, None)) is not None:
+                        start(1, item)
+                    else:
+                        break
+                if not active:
+                    if failure is not None or not retries:
+                        break
+                    time.sleep(max(0.0, min(r[0] for r in retries) - now))
+                    continue
+                while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
+                    pass
+                while True:
+                    queued, ok, failed = multi.info_read()
+                    for curl in ok:
+                        ended(curl, None)
+                    for curl, _, message in failed:
+                        ended(curl, message)
+                    if not queued:
+                        break
+                if active:
+                    multi.select(0.05 if retries else 1.0)
+        finally:
+            for curl in list(active):  # an object's encoding failed: what is in flight is dropped
+                multi.remove_handle(curl)
+                idle.append(curl)
+        if failure is not None:
+            raise ObjectError(failure)
+
+    def _multi(self, connections: int) -> tuple[Any, list[Any]]:
+        local = self._curls
+        if not hasattr(local, "multi"):
+            local.multi, local.idle = pycurl.CurlMulti(), []
+        local.multi.setopt(pycurl.M_MAXCONNECTS, connections)
+        return local.multi, local.idle
 
     def get(self, bucket: str, key: str) -> bytes:
         """The object's bytes; NotFound if there is no such object."""
@@ -126,6 +225,22 @@ class ObjectClient:
         return key
 
 
+def _curl(endpoint: str) -> Any:
+    curl = pycurl.Curl()
+    curl.setopt(pycurl.NOSIGNAL, 1)  # libcurl in threads: no SIGALRM for timeouts
+    curl.setopt(pycurl.CONNECTTIMEOUT, 10)
+    curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)  # under a byte a second for a minute: as `put`'s read timeout
+    curl.setopt(pycurl.LOW_SPEED_TIME, 60)
+    if endpoint.startswith("https:"):
+        # The CAs Python's ssl trusts, as for `put`: libcurl's own default path differs per build.
+        paths = ssl.get_default_verify_paths()
+        if paths.cafile:
+            curl.setopt(pycurl.CAINFO, paths.cafile)
+        if paths.capath:
+            curl.setopt(pycurl.CAPATH, paths.capath)
+    return curl
+
+
 class Storage:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -162,12 +277,17 @@ class Storage:
     @cached_property
     def objects(self) -> ObjectClient:
         s = self.settings
-        # Connections for the uploads, the micro-batch's input reads and the lookahead's.
+        # Connections for the thumbnails' uploads, the micro-batch's input reads and the lookahead's
+        # (the outputs' uploads, `put_many`, hold their own).
         return ObjectClient(self.client.meta.endpoint_url, s.s3_region, s.s3_access_key, s.s3_secret_key,
                             connections=3 * s.upload_concurrency + 2, attempts=s.s3_max_attempts)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self.objects.put(self.bucket, key, data, content_type)
+
+    def put_many(self, objects: Iterable[tuple[str, bytes, str]],
+                 stored: Callable[[str, float], None] | None = None) -> None:
+        self.objects.put_many(self.bucket, objects, self.settings.upload_concurrency, stored)
 
     def get(self, key: str) -> bytes:
         return self.objects.get(self.bucket, key)

@@ -508,11 +508,12 @@ class MicroBatch:
         uploads = [up for up in store.uploads if up[0] in live]
         thumbnails = [(job, pairs) for job, pairs in store.thumbnails if job.id not in canceled]
         clock = Stopwatch()
-        # Encoding and uploading are I/O and zlib, which release the GIL: overlap them.
+        # Encodes (zlib, which releases the GIL) run side by side in threads; each output is
+        # uploaded as soon as it is encoded and a connection is free.
         pool = _threads("upload", self.settings.upload_concurrency)
-        list(pool.map(lambda up: clock.time("upload", up[0], self.storage.put, up[0],
-                                            clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
-                      uploads))
+        encoded = pool.map(lambda up: (up[0], clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
+                           uploads)
+        self.storage.put_many(encoded, lambda key, seconds: clock.add("upload", key, seconds))
         list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
                                              self._image(t[0].tenant_id)), thumbnails))
         for outcome in store.outcomes:

@@ -26,9 +26,12 @@ class Stopwatch:
         try:
             return work(*args)
         finally:
-            elapsed = time.perf_counter() - started
-            with self._lock:
-                self._seconds[stage, key] = self._seconds.get((stage, key), 0.0) + elapsed
+            self.add(stage, key, time.perf_counter() - started)
+
+    def add(self, stage: str, key: str, seconds: float) -> None:
+        """Seconds measured elsewhere (an upload's, by libcurl)."""
+        with self._lock:
+            self._seconds[stage, key] = self._seconds.get((stage, key), 0.0) + seconds
 
     def total(self, stage: str, keys: Iterable[str]) -> float:
         with self._lock:

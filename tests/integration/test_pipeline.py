@@ -35,11 +35,22 @@ class GatedStorage(Storage):
         self.crash = False
 
     def put(self, key, data, content_type="application/octet-stream"):
+        self._pass(key)
+        super().put(key, data, content_type)
+
+    def put_many(self, objects, stored=None):
+        def gated():
+            for key, data, content_type in objects:
+                self._pass(key)
+                yield key, data, content_type
+
+        super().put_many(gated(), stored)
+
+    def _pass(self, key):
         self.waiting.set()
         assert self.gate.wait(60), "the gate was never opened"
         if self.crash:
             raise Crash(key)
-        super().put(key, data, content_type)
 
 
 def batch_of(settings, prefix, count):

@@ -130,11 +130,26 @@ def test_storage_get_reads_what_boto3_wrote(settings: Settings, key: str) -> Non
         Storage(settings.model_copy(update={"s3_bucket": "no-such-bucket"})).get(key)
 
 
+def test_storage_put_many_writes_what_boto3_reads(settings: Settings) -> None:
+    storage = Storage(settings)
+    objects = [(f"outputs/a tenant/été+1=~x/job ({i}).png", f"output {i}".encode(), "image/png") for i in range(40)]
+    stored: list[str] = []
+    storage.put_many(iter(objects), lambda key, seconds: stored.append(key))
+    assert sorted(stored) == sorted(key for key, _, _ in objects)
+    for key, data, _ in objects[::7]:
+        reply = storage.client.get_object(Bucket=settings.s3_bucket, Key=key)
+        assert (reply["Body"].read(), reply["ContentType"]) == (data, "image/png")
+    storage.put_many([(objects[0][0], b"second run", "image/png")])  # a job run twice overwrites its output
+    assert storage.get(objects[0][0]) == b"second run"
+
+
 def test_storage_refusals_name_the_key_and_the_status(settings: Settings) -> None:
     Storage(settings).put("inputs/x", b"x", "image/png")
     storage = Storage(settings.model_copy(update={"s3_secret_key": "not-the-secret"}))
     with pytest.raises(ObjectError, match=r"PUT 'outputs/x.png'.*HTTP 403"):
         storage.put("outputs/x.png", b"x", "image/png")
+    with pytest.raises(ObjectError, match=r"PUT 'outputs/x.png'.*HTTP 403"):
+        storage.put_many([("outputs/x.png", b"x", "image/png")])
     assert not Storage(settings).exists("outputs/x.png")
     with pytest.raises(ObjectError, match=r"GET 'inputs/x'.*HTTP 403"):
         storage.get("inputs/x")

@@ -1,8 +1,14 @@
-"""The workers' PUTs and GETs are signed exactly as botocore signs them: the reference implementation of SigV4."""
+"""The workers' PUTs and GETs are signed exactly as botocore signs them (the reference implementation of
+SigV4), and a micro-batch's PUTs are retried and reported one by one."""
 
 from __future__ import annotations
 
+import hashlib
+import socket
+import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote
 
 import pytest
@@ -10,7 +16,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from core.storage import ObjectClient
+from core.storage import ObjectClient, ObjectError
 
 
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8333", "https://s3.example.test", "http://s3.example.test:80/"])
@@ -39,3 +45,86 @@ def test_another_day_another_signing_key() -> None:
     tuesday = client.headers("PUT", "/b/k", b"x", "image/png", now=datetime(2026, 12, 8, 0, 1, tzinfo=UTC))
     assert "20261207/us-east-1/s3" in monday["authorization"]
     assert "20261208/us-east-1/s3" in tuesday["authorization"]
+
+
+class _Recorder(ThreadingHTTPServer):
+    """A loopback S3 stand-in for what SeaweedFS cannot be made to do on demand: fail. Each key's
+    first `failures` PUTs get a 503; every request is recorded."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.requests = failures, []
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_PUT(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with server.lock:
+                    server.requests.append((self.path, self.headers, body))
+                    seen = sum(path == self.path for path, _, _ in server.requests)
+                self.send_response(503 if seen <= server.failures else 200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *_: object) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def client(self, attempts: int) -> ObjectClient:
+        return ObjectClient(f"http://127.0.0.1:{self.server_address[1]}", "us-east-1", "AKIDEXAMPLE", "secret",
+                            connections=1, attempts=attempts)
+
+
+@pytest.fixture
+def flaky() -> Iterator[_Recorder]:
+    server = _Recorder(failures=2)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_put_many_sends_signed_puts_and_retries_each_5xx(flaky: _Recorder) -> None:
+    objects = [(f"outputs/t/b/job {i}.png", f"image {i}".encode(), "image/png") for i in range(12)]
+    stored: dict[str, float] = {}
+    flaky.client(attempts=3).put_many("bucket", objects, 4, lambda key, seconds: stored.setdefault(key, seconds))
+
+    assert sorted(stored) == sorted(key for key, _, _ in objects)
+    assert len(flaky.requests) == 3 * len(objects)  # two 503s, then stored
+    for path, headers, body in flaky.requests:
+        key = next(key for key, _, _ in objects if path == quote(f"/bucket/{key}", safe="/~"))
+        assert body == dict((k, d) for k, d, _ in objects)[key]
+        assert headers["x-amz-content-sha256"] == hashlib.sha256(body).hexdigest()
+        assert headers["Content-Type"] == "image/png"
+        assert headers["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
+        assert "Expect" not in headers  # no 100-continue round trip
+
+
+def test_put_many_names_the_key_once_its_attempts_are_spent(flaky: _Recorder) -> None:
+    with pytest.raises(ObjectError, match=r"PUT 'outputs/x.png' to 127\.0\.0\.1:\d+: HTTP 503"):
+        flaky.client(attempts=2).put_many("bucket", [("outputs/x.png", b"x", "image/png")], 4)
+    assert len(flaky.requests) == 2
+
+
+def test_put_many_names_the_key_when_nothing_listens() -> None:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    client = ObjectClient(f"http://127.0.0.1:{port}", "us-east-1", "AKIDEXAMPLE", "secret", connections=1, attempts=2)
+    with pytest.raises(ObjectError, match=rf"PUT 'outputs/y.png' to 127\.0\.0\.1:{port}: .*onnect"):
+        client.put_many("bucket", [("outputs/y.png", b"y", "image/png")], 4)
+
+
+def test_an_object_that_cannot_be_made_stops_put_many_and_the_next_call_starts_clean(flaky: _Recorder) -> None:
+    client = flaky.client(attempts=3)
+
+    def objects() -> Iterator[tuple[str, bytes, str]]:
+        yield "outputs/a.png", b"a", "image/png"
+        raise ValueError("encoding failed")
+
+    with pytest.raises(ValueError, match="encoding failed"):
+        client.put_many("bucket", objects(), 4)
+    stored: list[str] = []
+    client.put_many("bucket", [("outputs/b.png", b"b", "image/png")], 4, lambda key, _: stored.append(key))
+    assert stored == ["outputs/b.png"]
