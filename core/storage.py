@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import io
 import re
+import selectors
 import ssl
 import threading
 import time
@@ -65,8 +66,9 @@ class ObjectError(Exception):
 
 
 class ObjectClient:
-    """PutObject and GetObject signed with AWS Signature Version 4 and sent on a urllib3 pool: what
-    boto3 sends, for a quarter of its CPU (`python -m bench.objects`). A worker's upload and
+    """PutObject and GetObject signed with AWS Signature Version 4 and sent on a urllib3 pool, or
+    many PUTs at once through libcurl (`put_many`): what boto3 sends, for a quarter of its CPU
+    (`python -m bench.objects`). A worker's upload and
     input-reading threads share the interpreter with the forward pass, so every millisecond holding
     the GIL here is one the engine waits. Path-style addressing, as the boto3 client is configured;
     retries on connection errors and 5xx like botocore's standard mode (both requests are idempotent)."""
@@ -86,7 +88,7 @@ class ObjectClient:
                                                                 timeout=timeout)
         self.endpoint, self.attempts = f"{url.scheme}://{url.netloc}", attempts
         self._keys: dict[str, bytes] = {}
-        self._curls = threading.local()  # each thread's multi handle: its connections stay open between calls
+        self._local = threading.local()  # each thread's `_Transfers`
 
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         self._send("PUT", bucket, key, data, content_type)
@@ -101,85 +103,44 @@ class ObjectClient:
         up, so its items may still be in the making (encodes in other threads). `stored(key,
         seconds)` is called as each one is stored. Connection errors and 5xx are retried like `put`;
         on a refusal, or retries spent, what is in flight ends and ObjectError names the key."""
-        multi, idle = self._multi(at_once)
+        transfers = self._transfers()
         waiting = iter(objects)
         retries: list[tuple[float, int, tuple[str, bytes, str]]] = []  # (not before, attempt, object)
         active: dict[Any, tuple[int, tuple[str, bytes, str], io.BytesIO]] = {}
         failure: str | None = None
-
-        def start(attempt: int, item: tuple[str, bytes, str]) -> None:
-            key, data, content_type = item
-            curl = idle.pop() if idle else _curl(self.endpoint)
-            path = quote(f"{self.base}/{bucket}/{key}", safe="/~")
-            reply = io.BytesIO()
-            curl.setopt(pycurl.URL, f"{self.endpoint}{path}")
-            curl.setopt(pycurl.POSTFIELDS, data)
-            curl.setopt(pycurl.CUSTOMREQUEST, "PUT")
-            # "Expect:" drops libcurl's 100-continue wait, a round trip per large object.
-            curl.setopt(pycurl.HTTPHEADER, [f"{name}: {value}" for name, value in
-                                            self.headers("PUT", path, data, content_type).items()] + ["Expect:"])
-            curl.setopt(pycurl.WRITEDATA, reply)
-            multi.add_handle(curl)
-            active[curl] = (attempt, item, reply)
-
-        def ended(curl: Any, error: str | None) -> None:
-            nonlocal failure
-            multi.remove_handle(curl)
-            idle.append(curl)
-            attempt, item, reply = active.pop(curl)
-            status = 0 if error else curl.getinfo(pycurl.RESPONSE_CODE)
-            if error is None and status < 300:
-                if stored is not None:
-                    stored(item[0], curl.getinfo(pycurl.TOTAL_TIME))
-                return
-            if (error is not None or status >= 500) and attempt < self.attempts and failure is None:
-                retries.append((time.monotonic() + 0.2 * 2 ** (attempt - 1), attempt + 1, item))
-                return
-            cause = error or f"HTTP {status}: {reply.getvalue()[:300]!r}"
-            failure = failure or f"PUT {item[0]!r} to {self.host}: {cause}"
-
         try:
             while True:
                 now = time.monotonic()
                 while failure is None and len(active) < at_once:
-                    due = next((r for r in retries if r[0] <= now), None)
+                    due = next((retry for retry in retries if retry[0] <= now), None)
                     if due is not None:
                         retries.remove(due)
-                        start(due[1], due[2])
                     elif (item := next(waiting, None)) is not None:
-                        start(1, item)
+                        due = (now, 1, item)
                     else:
                         break
-                if not active:
-                    if failure is not None or not retries:
-                        break
-                    time.sleep(max(0.0, min(r[0] for r in retries) - now))
-                    continue
-                while multi.perform()[0] == pycurl.E_CALL_MULTI_PERFORM:
-                    pass
-                while True:
-                    queued, ok, failed = multi.info_read()
-                    for curl in ok:
-                        ended(curl, None)
-                    for curl, _, message in failed:
-                        ended(curl, message)
-                    if not queued:
-                        break
-                if active:
-                    multi.select(0.05 if retries else 1.0)
+                    curl, reply = transfers.start(self._put_request(bucket, *due[2]))
+                    active[curl] = (due[1], due[2], reply)
+                if not active and (failure is not None or not retries):
+                    break
+                next_retry = min((retry[0] for retry in retries), default=now + 1.0)
+                for curl, error in transfers.step(max(0.0, next_retry - now)):
+                    attempt, item, reply = active.pop(curl)
+                    status = 0 if error else curl.getinfo(pycurl.RESPONSE_CODE)
+                    if error is None and status < 300:
+                        if stored is not None:
+                            stored(item[0], curl.getinfo(pycurl.TOTAL_TIME))
+                    elif (error is not None or status >= 500) and attempt < self.attempts and failure is None:
+                        retries.append((time.monotonic() + 0.2 * 2 ** (attempt - 1), attempt + 1, item))
+                    else:
+                        cause = error or f"HTTP {status}: {reply.getvalue()[:300]!r}"
+                        failure = failure or f"PUT {item[0]!r} to {self.host}: {cause}"
+                    transfers.end(curl)
         finally:
-            for curl in list(active):  # an object's encoding failed: what is in flight is dropped
-                multi.remove_handle(curl)
-                idle.append(curl)
+            for curl in active:  # an object could not be made (its encoding failed): drop what is in flight
+                transfers.end(curl)
         if failure is not None:
             raise ObjectError(failure)
-
-    def _multi(self, connections: int) -> tuple[Any, list[Any]]:
-        local = self._curls
-        if not hasattr(local, "multi"):
-            local.multi, local.idle = pycurl.CurlMulti(), []
-        local.multi.setopt(pycurl.M_MAXCONNECTS, connections)
-        return local.multi, local.idle
 
     def get(self, bucket: str, key: str) -> bytes:
         """The object's bytes; NotFound if there is no such object."""
@@ -223,6 +184,82 @@ class ObjectClient:
                 key = hmac.new(key, part.encode(), hashlib.sha256).digest()
             self._keys = {day: key}
         return key
+
+    def _put_request(self, bucket: str, key: str, data: bytes, content_type: str) -> tuple[str, bytes, list[str]]:
+        path = quote(f"{self.base}/{bucket}/{key}", safe="/~")
+        headers = [f"{name}: {value}" for name, value in self.headers("PUT", path, data, content_type).items()]
+        # "Expect:" drops libcurl's 100-continue wait, a round trip per large object.
+        return f"{self.endpoint}{path}", data, [*headers, "Expect:"]
+
+    def _transfers(self) -> _Transfers:
+        local = self._local
+        if not hasattr(local, "transfers"):
+            local.transfers = _Transfers(self.endpoint)
+        return local.transfers
+
+
+class _Transfers:
+    """One thread's libcurl multi handle and its easy handles, whose connections stay open between
+    calls. Sockets are watched with the platform's selector (epoll) on libcurl's socket and timer
+    callbacks, not select(2), which cannot watch a descriptor numbered over 1023."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.multi = pycurl.CurlMulti()
+        self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._watch)
+        self.multi.setopt(pycurl.M_TIMERFUNCTION, self._timer)
+        self.selector = selectors.DefaultSelector()
+        self.idle: list[Any] = []
+        self.deadline: float | None = None  # when libcurl wants to be called whatever the sockets do
+
+    def start(self, request: tuple[str, bytes, list[str]]) -> tuple[Any, io.BytesIO]:
+        url, data, headers = request
+        curl = self.idle.pop() if self.idle else _curl(self.endpoint)
+        reply = io.BytesIO()
+        curl.setopt(pycurl.URL, url)
+        curl.setopt(pycurl.POSTFIELDS, data)
+        curl.setopt(pycurl.CUSTOMREQUEST, "PUT")
+        curl.setopt(pycurl.HTTPHEADER, headers)
+        curl.setopt(pycurl.WRITEDATA, reply)
+        self.multi.add_handle(curl)
+        return curl, reply
+
+    def end(self, curl: Any) -> None:
+        self.multi.remove_handle(curl)
+        self.idle.append(curl)
+
+    def step(self, longest: float) -> list[tuple[Any, str | None]]:
+        """Wait up to `longest` seconds (less if libcurl's timer says so) for a socket to be ready,
+        let libcurl act on it; the transfers that ended, with their errors."""
+        now = time.monotonic()
+        wait = longest if self.deadline is None else max(0.0, min(longest, self.deadline - now))
+        for key, mask in self.selector.select(wait):  # with nothing to watch (a retry's backoff), a sleep
+            self.multi.socket_action(key.fd, (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0)
+                                     | (pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0))
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            self.deadline = None
+            self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
+        ended: list[tuple[Any, str | None]] = []
+        while True:
+            queued, ok, failed = self.multi.info_read()
+            ended += [(curl, None) for curl in ok] + [(curl, message) for curl, _, message in failed]
+            if not queued:
+                return ended
+
+    def _watch(self, what: int, fd: int, _multi: Any, _data: Any) -> None:
+        events = {pycurl.POLL_IN: selectors.EVENT_READ, pycurl.POLL_OUT: selectors.EVENT_WRITE,
+                  pycurl.POLL_INOUT: selectors.EVENT_READ | selectors.EVENT_WRITE}.get(what)
+        watched = fd in self.selector.get_map()
+        if events is None:  # POLL_REMOVE
+            if watched:
+                self.selector.unregister(fd)
+        elif watched:
+            self.selector.modify(fd, events)
+        else:
+            self.selector.register(fd, events)
+
+    def _timer(self, milliseconds: int) -> None:
+        self.deadline = None if milliseconds < 0 else time.monotonic() + milliseconds / 1000
 
 
 def _curl(endpoint: str) -> Any:

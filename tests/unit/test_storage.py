@@ -4,8 +4,11 @@ SigV4), and a micro-batch's PUTs are retried and reported one by one."""
 from __future__ import annotations
 
 import hashlib
+import os
+import resource
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -51,8 +54,8 @@ class _Recorder(ThreadingHTTPServer):
     """A loopback S3 stand-in for what SeaweedFS cannot be made to do on demand: fail. Each key's
     first `failures` PUTs get a 503; every request is recorded."""
 
-    def __init__(self, failures: int) -> None:
-        self.failures, self.requests = failures, []
+    def __init__(self, failures: int, delay: float = 0.0) -> None:
+        self.failures, self.delay, self.requests = failures, delay, []
         self.lock = threading.Lock()
         server = self
 
@@ -62,6 +65,7 @@ class _Recorder(ThreadingHTTPServer):
                 with server.lock:
                     server.requests.append((self.path, self.headers, body))
                     seen = sum(path == self.path for path, _, _ in server.requests)
+                time.sleep(server.delay)
                 self.send_response(503 if seen <= server.failures else 200)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -128,3 +132,27 @@ def test_an_object_that_cannot_be_made_stops_put_many_and_the_next_call_starts_c
     stored: list[str] = []
     client.put_many("bucket", [("outputs/b.png", b"b", "image/png")], 4, lambda key, _: stored.append(key))
     assert stored == ["outputs/b.png"]
+
+
+def test_put_many_waits_without_spinning_past_descriptor_1023() -> None:
+    """A long-lived worker can hold many files and sockets; select(2) cannot watch a descriptor past
+    1023, and a loop on it would spin through a slow reply instead of waiting."""
+    slow = _Recorder(failures=0, delay=0.5)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        stored: list[str] = []
+        cpu = time.thread_time()
+        slow.client(attempts=1).put_many("bucket", [("outputs/c.png", b"c", "image/png")], 4,
+                                         lambda key, _: stored.append(key))
+        assert stored == ["outputs/c.png"]
+        assert time.thread_time() - cpu < 0.25  # of the half second the reply took
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        slow.shutdown()
+        slow.server_close()
