@@ -12,7 +12,9 @@
   timings, the seconds the worker's forward passes took ÷ the raw loop's, and the planned run's
   wall time spent in forward passes and in claims.
 - upload_bound_ratio: near no-op jobs (lanczos on an 8x8 image) per second ÷ a bare loop of S3 PUTs
-  of the same objects through the same client.
+  of the same objects through the same client, one after another (`Storage.put`);
+  upload_bound_ratio_vs_put_many: the same ÷ those PUTs sent as the worker sends a micro-batch's
+  (`Storage.put_many`, STEP1X_UPLOAD_CONCURRENCY at once), the ceiling of storing alone.
 - orchestration_vs_bare_celery: the same near no-op jobs/s ÷ a bare Celery no-op task loop (one
   message per task, same Redis, same worker options). Both near no-op figures: the median of ROUNDS
   rounds of system, PUT loop and Celery loop, run one after another.
@@ -157,7 +159,7 @@ def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -
     run_batch(client, tagged_items(16, "warm-up", **spec))
     storage = Storage(stack.settings)
     data = noise_png(32)
-    rounds: dict[str, list[float]] = {"system": [], "put": [], "celery": []}
+    rounds: dict[str, list[float]] = {"system": [], "put": [], "put_many": [], "celery": []}
     run_id = uuid.uuid4().hex[:8]  # the repeats share one stack: each PUT a new object
     with bare_celery(stack) as celery_loop:
         for round_ in range(ROUNDS):
@@ -166,12 +168,19 @@ def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -
             for i in range(n):
                 storage.put(output_key("bench", "bare", f"{run_id}-{round_}-{i}"), data, "image/png")
             rounds["put"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            storage.put_many((output_key("bench", "many", f"{run_id}-{round_}-{i}"), data, "image/png")
+                             for i in range(n))
+            rounds["put_many"].append(time.perf_counter() - started)
             rounds["celery"].append(celery_loop(n))
     system = rounds["system"]
     median = statistics.median
     return {"upload_bound_ratio": median(put / s for put, s in zip(rounds["put"], system, strict=True)),
             "orchestration_vs_bare_celery": median(c / s for c, s in zip(rounds["celery"], system, strict=True)),
+            # The worker's own way of storing, no job around it: informative, no target.
+            "upload_bound_ratio_vs_put_many": median(p / s for p, s in zip(rounds["put_many"], system, strict=True)),
             "noop_jobs_per_s": median(n / s for s in system), "bare_put_per_s": median(n / s for s in rounds["put"]),
+            "bare_put_many_per_s": median(n / s for s in rounds["put_many"]),
             "bare_celery_tasks_per_s": median(n / s for s in rounds["celery"])}
 
 
