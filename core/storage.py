@@ -265,6 +265,7 @@ class _Transfers:
 def _curl(endpoint: str) -> Any:
     curl = pycurl.Curl()
     curl.setopt(pycurl.NOSIGNAL, 1)  # libcurl in threads: no SIGALRM for timeouts
+    curl.setopt(pycurl.PROXY, "")  # as `put`: straight to the endpoint, whatever http_proxy says
     curl.setopt(pycurl.CONNECTTIMEOUT, 10)
     curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)  # under a byte a second for a minute: as `put`'s read timeout
     curl.setopt(pycurl.LOW_SPEED_TIME, 60)

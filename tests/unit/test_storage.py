@@ -156,3 +156,19 @@ def test_put_many_waits_without_spinning_past_descriptor_1023() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         slow.shutdown()
         slow.server_close()
+
+
+def test_put_many_goes_straight_to_the_endpoint_whatever_http_proxy_says(
+        flaky: _Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
+    proxy = _Recorder(failures=0)
+    try:
+        for name in ("http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
+            monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        flaky.client(attempts=3).put_many("bucket", [("outputs/d.png", b"d", "image/png")], 4)
+        assert proxy.requests == []
+        assert len(flaky.requests) == 3  # two 503s, then stored
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
