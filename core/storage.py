@@ -8,15 +8,19 @@ at once through libcurl); everything else through boto3.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import io
 import re
 import selectors
+import socket
 import ssl
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from functools import cached_property
 from typing import Any
@@ -93,54 +97,59 @@ class ObjectClient:
     def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         self._send("PUT", bucket, key, data, content_type)
 
-    def put_many(self, bucket: str, objects: Iterable[tuple[str, bytes, str]], at_once: int,
+    def put_many(self, bucket: str, objects: Iterable[StoredObject | Future[StoredObject]], at_once: int,
                  stored: Callable[[str, float], None] | None = None) -> None:
         """PUT every (key, data, content type), `at_once` at a time, all from this thread through
         libcurl's multi interface: the requests are built here (signing is a few hashes), libcurl
         sends them and parses the replies in C, outside the GIL. Threads each sending one request
         through urllib3 cost four times the CPU per object, and a worker's CPU is shared with its
-        engine and the storage service (`python -m bench.objects`). `objects` is read as slots free
-        up, so its items may still be in the making (encodes in other threads). `stored(key,
-        seconds)` is called as each one is stored. Connection errors and 5xx are retried like `put`;
-        on a refusal, or retries spent, what is in flight ends and ObjectError names the key."""
+        engine and the storage service (`python -m bench.objects`). An object may be a future (its
+        encode still running elsewhere): it is sent once done, while the transfers already
+        started go on. `stored(key, seconds)` is called as each one is stored. Connection errors,
+        timeouts and 500/502/503/504 are retried like `put`; on a refusal, retries spent, or an
+        object that could not be made, what is in flight is dropped and the error names the key."""
         transfers = self._transfers()
-        waiting = iter(objects)
-        retries: list[tuple[float, int, tuple[str, bytes, str]]] = []  # (not before, attempt, object)
-        active: dict[Any, tuple[int, tuple[str, bytes, str], io.BytesIO]] = {}
-        failure: str | None = None
+        waiting = deque(objects)
+        retries: list[tuple[float, int, StoredObject]] = []  # (not before, attempt, object)
+        active: dict[Any, tuple[int, StoredObject, io.BytesIO]] = {}
+        at_once = max(1, at_once)
+        watched: Future[StoredObject] | None = None
         try:
-            while True:
+            while waiting or retries or active:
                 now = time.monotonic()
-                while failure is None and len(active) < at_once:
+                while len(active) < at_once:
                     due = next((retry for retry in retries if retry[0] <= now), None)
                     if due is not None:
                         retries.remove(due)
-                    elif (item := next(waiting, None)) is not None:
-                        due = (now, 1, item)
+                    elif waiting and (_ready(waiting[0]) or not active):
+                        due = (now, 1, _made(waiting.popleft()))
                     else:
                         break
                     curl, reply = transfers.start(self._put_request(bucket, *due[2]))
                     active[curl] = (due[1], due[2], reply)
-                if not active and (failure is not None or not retries):
-                    break
-                next_retry = min((retry[0] for retry in retries), default=now + 1.0)
-                for curl, error in transfers.step(max(0.0, next_retry - now)):
+                if waiting and isinstance(waiting[0], Future) and waiting[0] is not watched:
+                    watched = waiting[0]  # not done, or it would have started: its end wakes the wait
+                    transfers.wake_when_done(watched)
+                # A retry waits for its time and a free slot; with none, libcurl's sockets and
+                # timer (at most a second, to look again) say when.
+                due_at = min((retry[0] for retry in retries), default=now + 1.0) if len(active) < at_once else now + 1.0
+                for curl, code, error in transfers.step(max(0.0, due_at - now)):
                     attempt, item, reply = active.pop(curl)
-                    status = 0 if error else curl.getinfo(pycurl.RESPONSE_CODE)
-                    if error is None and status < 300:
-                        if stored is not None:
-                            stored(item[0], curl.getinfo(pycurl.TOTAL_TIME))
-                    elif (error is not None or status >= 500) and attempt < self.attempts and failure is None:
-                        retries.append((time.monotonic() + 0.2 * 2 ** (attempt - 1), attempt + 1, item))
-                    else:
-                        cause = error or f"HTTP {status}: {reply.getvalue()[:300]!r}"
-                        failure = failure or f"PUT {item[0]!r} to {self.host}: {cause}"
-                    transfers.end(curl)
+                    try:
+                        status = 0 if error else curl.getinfo(pycurl.RESPONSE_CODE)
+                        if error is None and status < 300:
+                            if stored is not None:
+                                stored(item[0], curl.getinfo(pycurl.TOTAL_TIME))
+                        elif (status in _RETRIED_STATUSES or code in _RETRIED_ERRORS) and attempt < self.attempts:
+                            retries.append((time.monotonic() + 0.2 * 2 ** (attempt - 1), attempt + 1, item))
+                        else:
+                            cause = error or f"HTTP {status}: {reply.getvalue()[:300]!r}"
+                            raise ObjectError(f"PUT {item[0]!r} to {self.host}: {cause}")
+                    finally:
+                        transfers.end(curl)
         finally:
-            for curl in active:  # an object could not be made (its encoding failed): drop what is in flight
+            for curl in active:  # a refusal, or an object that could not be made: drop what is in flight
                 transfers.end(curl)
-        if failure is not None:
-            raise ObjectError(failure)
 
     def get(self, bucket: str, key: str) -> bytes:
         """The object's bytes; NotFound if there is no such object."""
@@ -201,7 +210,8 @@ class ObjectClient:
 class _Transfers:
     """One thread's libcurl multi handle and its easy handles, whose connections stay open between
     calls. Sockets are watched with the platform's selector (epoll) on libcurl's socket and timer
-    callbacks, not select(2), which cannot watch a descriptor numbered over 1023."""
+    callbacks, not select(2), which cannot watch a descriptor numbered over 1023; a socket pair in
+    the same selector wakes the wait when an object being made elsewhere is done."""
 
     def __init__(self, endpoint: str) -> None:
         self.endpoint = endpoint
@@ -209,6 +219,10 @@ class _Transfers:
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._watch)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._timer)
         self.selector = selectors.DefaultSelector()
+        self._woken, self._waker = socket.socketpair()
+        for end in (self._woken, self._waker):
+            end.setblocking(False)
+        self.selector.register(self._woken, selectors.EVENT_READ)
         self.idle: list[Any] = []
         self.deadline: float | None = None  # when libcurl wants to be called whatever the sockets do
 
@@ -226,23 +240,34 @@ class _Transfers:
 
     def end(self, curl: Any) -> None:
         self.multi.remove_handle(curl)
+        curl.setopt(pycurl.POSTFIELDS, b"")  # an idle handle does not keep the last output alive
         self.idle.append(curl)
 
-    def step(self, longest: float) -> list[tuple[Any, str | None]]:
-        """Wait up to `longest` seconds (less if libcurl's timer says so) for a socket to be ready,
-        let libcurl act on it; the transfers that ended, with their errors."""
-        now = time.monotonic()
-        wait = longest if self.deadline is None else max(0.0, min(longest, self.deadline - now))
-        for key, mask in self.selector.select(wait):  # with nothing to watch (a retry's backoff), a sleep
+    def wake_when_done(self, future: Future[Any]) -> None:
+        future.add_done_callback(lambda _: self._wake())
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a wake-up already waiting is enough
+            self._waker.send(b"\0")
+
+    def step(self, longest: float) -> list[tuple[Any, int, str | None]]:
+        """Wait up to `longest` seconds (less if libcurl's timer says so) for a socket to be ready
+        or a wake-up, let libcurl act; the transfers that ended, with their error codes and texts."""
+        wait = longest if self.deadline is None else max(0.0, min(longest, self.deadline - time.monotonic()))
+        for key, mask in self.selector.select(wait):
+            if key.fileobj is self._woken:
+                with contextlib.suppress(BlockingIOError):
+                    self._woken.recv(4096)
+                continue
             self.multi.socket_action(key.fd, (pycurl.CSELECT_IN if mask & selectors.EVENT_READ else 0)
                                      | (pycurl.CSELECT_OUT if mask & selectors.EVENT_WRITE else 0))
         if self.deadline is not None and time.monotonic() >= self.deadline:
-            self.deadline = None
+            self.deadline = None  # before the call: libcurl may set the next one in it
             self.multi.socket_action(pycurl.SOCKET_TIMEOUT, 0)
-        ended: list[tuple[Any, str | None]] = []
+        ended: list[tuple[Any, int, str | None]] = []
         while True:
             queued, ok, failed = self.multi.info_read()
-            ended += [(curl, None) for curl in ok] + [(curl, message) for curl, _, message in failed]
+            ended += [(curl, 0, None) for curl in ok] + [(curl, code, text) for curl, code, text in failed]
             if not queued:
                 return ended
 
@@ -262,6 +287,22 @@ class _Transfers:
         self.deadline = None if milliseconds < 0 else time.monotonic() + milliseconds / 1000
 
 
+StoredObject = tuple[str, bytes, str]  # key, data, content type
+# What `put` retries (urllib3's status list), and libcurl's errors of a connection that failed or
+# broke: resolving, connecting, sending, receiving, nothing received, timed out.
+_RETRIED_STATUSES = frozenset({500, 502, 503, 504})
+_RETRIED_ERRORS = frozenset({pycurl.E_COULDNT_RESOLVE_HOST, pycurl.E_COULDNT_CONNECT, pycurl.E_SEND_ERROR,
+                             pycurl.E_RECV_ERROR, pycurl.E_GOT_NOTHING, pycurl.E_OPERATION_TIMEDOUT})
+
+
+def _ready(item: StoredObject | Future[StoredObject]) -> bool:
+    return not isinstance(item, Future) or item.done()
+
+
+def _made(item: StoredObject | Future[StoredObject]) -> StoredObject:
+    return item.result() if isinstance(item, Future) else item
+
+
 def _curl(endpoint: str) -> Any:
     curl = pycurl.Curl()
     curl.setopt(pycurl.NOSIGNAL, 1)  # libcurl in threads: no SIGALRM for timeouts
@@ -269,6 +310,8 @@ def _curl(endpoint: str) -> Any:
     curl.setopt(pycurl.CONNECTTIMEOUT, 10)
     curl.setopt(pycurl.LOW_SPEED_LIMIT, 1)  # under a byte a second for a minute: as `put`'s read timeout
     curl.setopt(pycurl.LOW_SPEED_TIME, 60)
+    curl.setopt(pycurl.PATH_AS_IS, 1)  # the path as signed: no "." or ".." segments folded away
+    curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)  # as `put`: a connection per transfer
     if endpoint.startswith("https:"):
         # The CAs Python's ssl trusts, as for `put`: libcurl's own default path differs per build.
         paths = ssl.get_default_verify_paths()
@@ -323,7 +366,7 @@ class Storage:
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self.objects.put(self.bucket, key, data, content_type)
 
-    def put_many(self, objects: Iterable[tuple[str, bytes, str]],
+    def put_many(self, objects: Iterable[StoredObject | Future[StoredObject]],
                  stored: Callable[[str, float], None] | None = None) -> None:
         self.objects.put_many(self.bucket, objects, self.settings.upload_concurrency, stored)
 

@@ -511,9 +511,13 @@ class MicroBatch:
         # Encodes (zlib, which releases the GIL) run side by side in threads; each output is
         # uploaded as soon as it is encoded and a connection is free.
         pool = _threads("upload", self.settings.upload_concurrency)
-        encoded = pool.map(lambda up: (up[0], clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
-                           uploads)
-        self.storage.put_many(encoded, lambda key, seconds: clock.add("upload", key, seconds))
+        encoded = [pool.submit(lambda up: (up[0], clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
+                               up) for up in uploads]
+        try:
+            self.storage.put_many(encoded, lambda key, seconds: clock.add("upload", key, seconds))
+        finally:
+            for future in encoded:  # after a failure, no more encodes for nothing
+                future.cancel()
         list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
                                              self._image(t[0].tenant_id)), thumbnails))
         for outcome in store.outcomes:

@@ -4,6 +4,7 @@ PostgreSQL and SeaweedFS; storage is held at a gate to stand for a slow upload."
 
 import threading
 import time
+from concurrent.futures import Future
 from datetime import timedelta
 
 import pytest
@@ -40,9 +41,10 @@ class GatedStorage(Storage):
 
     def put_many(self, objects, stored=None):
         def gated():
-            for key, data, content_type in objects:
-                self._pass(key)
-                yield key, data, content_type
+            for item in objects:  # (key, data, content type), or a future of one
+                made = item.result() if isinstance(item, Future) else item
+                self._pass(made[0])
+                yield made
 
         super().put_many(gated(), stored)
 

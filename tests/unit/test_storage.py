@@ -3,16 +3,19 @@ SigV4), and a micro-batch's PUTs are retried and reported one by one."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import resource
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import quote
+from typing import Any
+from urllib.parse import quote, unquote
 
 import pytest
 from botocore.auth import S3SigV4Auth
@@ -51,22 +54,34 @@ def test_another_day_another_signing_key() -> None:
 
 
 class _Recorder(ThreadingHTTPServer):
-    """A loopback S3 stand-in for what SeaweedFS cannot be made to do on demand: fail. Each key's
-    first `failures` PUTs get a 503; every request is recorded."""
+    """A loopback S3 stand-in for what SeaweedFS cannot be made to do on demand: fail, or answer
+    slowly. `reply(key, attempt)` gives the status and the seconds before it; every request is
+    recorded, and the most in progress at once counted."""
 
-    def __init__(self, failures: int, delay: float = 0.0) -> None:
-        self.failures, self.delay, self.requests = failures, delay, []
+    def __init__(self, reply: Callable[[str, int], tuple[int, float]]) -> None:
+        self.requests: list[tuple[str, Any, bytes]] = []
+        self.answered: list[str] = []
+        self.most_at_once = self._at_once = 0
         self.lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # kept-alive connections, as S3 services keep them
+
             def do_PUT(self) -> None:
                 body = self.rfile.read(int(self.headers["Content-Length"]))
+                key = unquote(self.path.removeprefix("/bucket/"))
                 with server.lock:
-                    server.requests.append((self.path, self.headers, body))
-                    seen = sum(path == self.path for path, _, _ in server.requests)
-                time.sleep(server.delay)
-                self.send_response(503 if seen <= server.failures else 200)
+                    server.requests.append((key, self.headers, body))
+                    attempt = sum(k == key for k, _, _ in server.requests)
+                    server._at_once += 1
+                    server.most_at_once = max(server.most_at_once, server._at_once)
+                status, delay = reply(key, attempt)
+                time.sleep(delay)
+                with server.lock:
+                    server._at_once -= 1
+                    server.answered.append(key)
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -74,6 +89,7 @@ class _Recorder(ThreadingHTTPServer):
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
+        self.daemon_threads = True
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def client(self, attempts: int) -> ObjectClient:
@@ -81,34 +97,91 @@ class _Recorder(ThreadingHTTPServer):
                             connections=1, attempts=attempts)
 
 
+@contextlib.contextmanager
+def recorder(reply: Callable[[str, int], tuple[int, float]]) -> Iterator[_Recorder]:
+    server = _Recorder(reply)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def flaky() -> Iterator[_Recorder]:
-    server = _Recorder(failures=2)
-    yield server
-    server.shutdown()
-    server.server_close()
+    """Each key's first two PUTs get a 503."""
+    with recorder(lambda key, attempt: (503 if attempt <= 2 else 200, 0.0)) as server:
+        yield server
 
 
 def test_put_many_sends_signed_puts_and_retries_each_5xx(flaky: _Recorder) -> None:
     objects = [(f"outputs/t/b/job {i}.png", f"image {i}".encode(), "image/png") for i in range(12)]
+    objects.append(("outputs/t/b/large.png", bytes(2 * 1024 * 1024), "image/png"))  # libcurl's Expect threshold: 1 MiB
     stored: dict[str, float] = {}
     flaky.client(attempts=3).put_many("bucket", objects, 4, lambda key, seconds: stored.setdefault(key, seconds))
 
     assert sorted(stored) == sorted(key for key, _, _ in objects)
     assert len(flaky.requests) == 3 * len(objects)  # two 503s, then stored
-    for path, headers, body in flaky.requests:
-        key = next(key for key, _, _ in objects if path == quote(f"/bucket/{key}", safe="/~"))
-        assert body == dict((k, d) for k, d, _ in objects)[key]
+    sent = {key: data for key, data, _ in objects}
+    for key, headers, body in flaky.requests:
+        assert body == sent[key]
         assert headers["x-amz-content-sha256"] == hashlib.sha256(body).hexdigest()
         assert headers["Content-Type"] == "image/png"
         assert headers["Authorization"].startswith("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/")
         assert "Expect" not in headers  # no 100-continue round trip
 
 
+def test_put_many_keeps_at_once_transfers_going() -> None:
+    with recorder(lambda key, attempt: (200, 0.2)) as server:
+        server.client(attempts=1).put_many("bucket", [(f"outputs/{i}.png", b"x", "image/png") for i in range(12)], 4)
+    assert len(server.answered) == 12
+    assert server.most_at_once == 4
+
+
+def test_an_object_still_being_made_does_not_hold_up_those_ready() -> None:
+    later: Future[tuple[str, bytes, str]] = Future()
+    seen_before_later: list[bool] = []
+    with recorder(lambda key, attempt: (200, 0.0)) as server:
+        threading.Timer(0.5, later.set_result, [("outputs/later.png", b"later", "image/png")]).start()
+        server.client(attempts=1).put_many(
+            "bucket", [("outputs/first.png", b"first", "image/png"), later], 4,
+            lambda key, _: seen_before_later.append(later.done()) if key == "outputs/first.png" else None)
+    assert seen_before_later == [False]  # stored while the other was still in the making
+    assert server.answered == ["outputs/first.png", "outputs/later.png"]
+
+
 def test_put_many_names_the_key_once_its_attempts_are_spent(flaky: _Recorder) -> None:
     with pytest.raises(ObjectError, match=r"PUT 'outputs/x.png' to 127\.0\.0\.1:\d+: HTTP 503"):
         flaky.client(attempts=2).put_many("bucket", [("outputs/x.png", b"x", "image/png")], 4)
     assert len(flaky.requests) == 2
+
+
+def test_a_refusal_drops_what_is_in_flight_and_starts_nothing_more() -> None:
+    def reply(key: str, attempt: int) -> tuple[int, float]:
+        return (403, 0.0) if key == "outputs/refused.png" else (200, 1.0)
+
+    objects = [("outputs/slow-1.png", b"1", "image/png"), ("outputs/refused.png", b"r", "image/png"),
+               *[(f"outputs/never-{i}.png", b"n", "image/png") for i in range(5)]]
+    with recorder(reply) as server:
+        with pytest.raises(ObjectError, match=r"PUT 'outputs/refused.png' to .*HTTP 403"):
+            server.client(attempts=3).put_many("bucket", objects, 2)
+        assert "outputs/slow-1.png" not in server.answered  # not waited for
+        assert [key for key, _, _ in server.requests] == ["outputs/slow-1.png", "outputs/refused.png"]
+
+
+def test_a_retry_waiting_for_a_free_slot_does_not_spin() -> None:
+    """One 503 while both slots hold slow transfers: its retry is due long before a slot frees."""
+    def reply(key: str, attempt: int) -> tuple[int, float]:
+        return (503, 0.0) if key == "outputs/retried.png" and attempt == 1 else (200, 1.0 if "slow" in key else 0.0)
+
+    objects = [("outputs/retried.png", b"r", "image/png"), ("outputs/slow-1.png", b"1", "image/png"),
+               ("outputs/slow-2.png", b"2", "image/png")]
+    with recorder(reply) as server:
+        cpu = time.thread_time()
+        server.client(attempts=3).put_many("bucket", objects, 2)
+        spent = time.thread_time() - cpu
+    assert sorted(server.answered) == sorted(["outputs/retried.png"] * 2 + ["outputs/slow-1.png", "outputs/slow-2.png"])
+    assert spent < 0.25  # of the second the slow transfers took
 
 
 def test_put_many_names_the_key_when_nothing_listens() -> None:
@@ -122,13 +195,11 @@ def test_put_many_names_the_key_when_nothing_listens() -> None:
 
 def test_an_object_that_cannot_be_made_stops_put_many_and_the_next_call_starts_clean(flaky: _Recorder) -> None:
     client = flaky.client(attempts=3)
-
-    def objects() -> Iterator[tuple[str, bytes, str]]:
-        yield "outputs/a.png", b"a", "image/png"
-        raise ValueError("encoding failed")
+    broken: Future[tuple[str, bytes, str]] = Future()
+    broken.set_exception(ValueError("encoding failed"))
 
     with pytest.raises(ValueError, match="encoding failed"):
-        client.put_many("bucket", objects(), 4)
+        client.put_many("bucket", [("outputs/a.png", b"a", "image/png"), broken], 4)
     stored: list[str] = []
     client.put_many("bucket", [("outputs/b.png", b"b", "image/png")], 4, lambda key, _: stored.append(key))
     assert stored == ["outputs/b.png"]
@@ -137,31 +208,28 @@ def test_an_object_that_cannot_be_made_stops_put_many_and_the_next_call_starts_c
 def test_put_many_waits_without_spinning_past_descriptor_1023() -> None:
     """A long-lived worker can hold many files and sockets; select(2) cannot watch a descriptor past
     1023, and a loop on it would spin through a slow reply instead of waiting."""
-    slow = _Recorder(failures=0, delay=0.5)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard != resource.RLIM_INFINITY and hard < 1200:
         pytest.skip(f"the hard limit on open files is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
     held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     try:
-        stored: list[str] = []
-        cpu = time.thread_time()
-        slow.client(attempts=1).put_many("bucket", [("outputs/c.png", b"c", "image/png")], 4,
-                                         lambda key, _: stored.append(key))
-        assert stored == ["outputs/c.png"]
-        assert time.thread_time() - cpu < 0.25  # of the half second the reply took
+        with recorder(lambda key, attempt: (200, 0.5)) as slow:
+            stored: list[str] = []
+            cpu = time.thread_time()
+            slow.client(attempts=1).put_many("bucket", [("outputs/c.png", b"c", "image/png")], 4,
+                                             lambda key, _: stored.append(key))
+            assert stored == ["outputs/c.png"]
+            assert time.thread_time() - cpu < 0.25  # of the half second the reply took
     finally:
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        slow.shutdown()
-        slow.server_close()
 
 
 def test_put_many_goes_straight_to_the_endpoint_whatever_http_proxy_says(
         flaky: _Recorder, monkeypatch: pytest.MonkeyPatch) -> None:
-    proxy = _Recorder(failures=0)
-    try:
+    with recorder(lambda key, attempt: (200, 0.0)) as proxy:
         for name in ("http_proxy", "HTTPS_PROXY", "ALL_PROXY"):
             monkeypatch.setenv(name, f"http://127.0.0.1:{proxy.server_address[1]}")
         monkeypatch.delenv("NO_PROXY", raising=False)
@@ -169,6 +237,3 @@ def test_put_many_goes_straight_to_the_endpoint_whatever_http_proxy_says(
         flaky.client(attempts=3).put_many("bucket", [("outputs/d.png", b"d", "image/png")], 4)
         assert proxy.requests == []
         assert len(flaky.requests) == 3  # two 503s, then stored
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
