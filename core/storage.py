@@ -156,7 +156,7 @@ class ObjectClient:
         return self._send("GET", bucket, key)
 
     def _send(self, method: str, bucket: str, key: str, data: bytes = b"", content_type: str | None = None) -> bytes:
-        path = quote(f"{self.base}/{bucket}/{key}", safe="/~")
+        path = self._path(bucket, key)
         try:
             response = self.pool.urlopen(method, path, body=data if method == "PUT" else None,
                                          headers=self.headers(method, path, data, content_type))
@@ -194,8 +194,12 @@ class ObjectClient:
             self._keys = {day: key}
         return key
 
+    def _path(self, bucket: str, key: str) -> str:
+        """The request path, as sent and as signed: one quoting for both clients."""
+        return quote(f"{self.base}/{bucket}/{key}", safe="/~")
+
     def _put_request(self, bucket: str, key: str, data: bytes, content_type: str) -> tuple[str, bytes, list[str]]:
-        path = quote(f"{self.base}/{bucket}/{key}", safe="/~")
+        path = self._path(bucket, key)
         headers = [f"{name}: {value}" for name, value in self.headers("PUT", path, data, content_type).items()]
         # "Expect:" drops libcurl's 100-continue wait, a round trip per large object.
         return f"{self.endpoint}{path}", data, [*headers, "Expect:"]
