@@ -4,6 +4,7 @@ repeated REPEATS times; the table shows min / median / max and the target, and e
 written to bench/results.json (with `--trace`, tiny-sd runs traced and bench/results-traced.json is
 written instead). Full runs add the engine-level comparisons of `bench.models`, webhook
 delivery (`bench.webhooks`), the input lookahead (`bench.prefetch`), the job cap (`bench.jobcap`),
+PNG compression levels (`bench.encode`),
 where the forward pass slows down in the system (`bench.interference`), the API's thread-pool
 hops (`bench.hops`) and traced engines (`bench.tracing`).
 """
@@ -129,12 +130,13 @@ def main() -> None:
                                   indent=2) + "\n")
     console.print(f"written to {results}")
     if not args.quick:
-        from bench import hops, interference, jobcap, prefetch, tracing, webhooks
+        from bench import encode, hops, interference, jobcap, prefetch, tracing, webhooks
 
         webhooks.main()
         hops.main()
         prefetch.main()
         jobcap.main()
+        encode.main()
         interference.main()
         tracing.main()
 

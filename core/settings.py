@@ -17,6 +17,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
+from core.formats import PNG_LEVEL
 
 Task = Literal["generate", "inpaint", "upscale"]
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -141,6 +142,8 @@ class Settings(BaseSettings):
     presign_seconds: int = 3600
     # Parallel uploads per worker; the S3 connection pool is sized to match.
     upload_concurrency: int = 8
+    # zlib's level for PNG outputs: 1 encodes fastest, 9 smallest (`python -m bench.encode`).
+    png_compress_level: int = Field(PNG_LEVEL, ge=0, le=9)
     # Micro-batches a worker may hold handed over and not yet stored: in the engine process, or
     # being encoded and uploaded; past it the next hand-over waits, its forward pass already sent
     # (back-pressure, memory bounded).

@@ -9,13 +9,12 @@ image's own key, so a re-run overwrites its thumbnail like its output, and an in
 
 from __future__ import annotations
 
+import functools
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from PIL import Image
-
-from core.storage import Storage
 
 SIZE = 256
 INPUT_FIELDS = ("image", "mask", "edges")
@@ -49,17 +48,26 @@ def encode(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def store(storage: Storage, tenant: str, spec: dict[str, Any], outputs: Sequence[tuple[str, Image.Image]],
-          load_input: Callable[[str], Image.Image]) -> None:
-    """Thumbnails of a finished job's outputs and, once per process, of its inputs (the "before"
-    of an inpainting's before/after)."""
-    for key, image in outputs:
-        if needed(image):
-            storage.put(thumb_key(key), encode(image), "image/webp")
+def wanted(tenant: str, spec: dict[str, Any], outputs: Sequence[tuple[str, Image.Image]],
+           load_input: Callable[[str], Image.Image]) -> dict[str, Callable[[], bytes]]:
+    """The thumbnails a finished job needs, as key -> how to make its bytes: its outputs' and, once
+    per process, its inputs' (the "before" of an inpainting's before/after). The caller stores them
+    with the outputs, then calls `written` with the keys."""
+    made: dict[str, Callable[[], bytes]] = {
+        thumb_key(key): functools.partial(encode, image) for key, image in outputs if needed(image)}
     for field in INPUT_FIELDS:
         file_id = spec.get(field)
         if isinstance(file_id, str) and (key := input_thumb_key(tenant, file_id)) not in _written_inputs:
-            storage.put(key, encode(load_input(file_id)), "image/webp")
-            if len(_written_inputs) > 100_000:  # bounded: a forgotten key only costs one rewrite
-                _written_inputs.clear()
-            _written_inputs.add(key)
+            made[key] = functools.partial(_input_thumb, load_input, file_id)
+    return made
+
+
+def written(keys: Iterable[str]) -> None:
+    """Stored: input thumbnails among `keys` are not made again by this process."""
+    if len(_written_inputs) > 100_000:  # bounded: a forgotten key only costs one rewrite
+        _written_inputs.clear()
+    _written_inputs.update(key for key in keys if key.split("/", 3)[2:3] == ["inputs"])
+
+
+def _input_thumb(load_input: Callable[[str], Image.Image], file_id: str) -> bytes:
+    return encode(load_input(file_id))

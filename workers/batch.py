@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 from PIL import Image
@@ -507,19 +507,25 @@ class MicroBatch:
         live = {key for outcome in store.outcomes for key in outcome.output_keys}
         uploads = [up for up in store.uploads if up[0] in live]
         thumbnails = [(job, pairs) for job, pairs in store.thumbnails if job.id not in canceled]
+        made: dict[str, Callable[[], bytes]] = {}  # thumbnails: after the outputs, in the same transfers
+        for job, pairs in thumbnails:
+            made |= thumbs.wanted(job.tenant_id, job.spec, pairs, self._image(job.tenant_id))
+        level = self.settings.png_compress_level
+        objects: list[tuple[str, Callable[[], bytes], str]] = [
+            (key, partial(encode, image, fmt, quality, level), CONTENT_TYPES[fmt])
+            for key, image, fmt, quality in uploads]
+        objects += [(key, make, "image/webp") for key, make in made.items()]
         clock = Stopwatch()
-        # Encodes (zlib, which releases the GIL) run side by side in threads; each output is
+        # Encodes (zlib and libwebp release the GIL) run side by side in threads; each object is
         # uploaded as soon as it is encoded and a connection is free.
         pool = _threads("upload", self.settings.upload_concurrency)
-        encoded = [pool.submit(lambda up: (up[0], clock.time("encode", up[0], encode, *up[1:]), CONTENT_TYPES[up[2]]),
-                               up) for up in uploads]
+        encoded = [pool.submit(lambda o: (o[0], clock.time("encode", o[0], o[1]), o[2]), o) for o in objects]
         try:
             self.storage.put_many(encoded, lambda key, seconds: clock.add("upload", key, seconds))
         finally:
             for future in encoded:  # after a failure, no more encodes for nothing
                 future.cancel()
-        list(pool.map(lambda t: thumbs.store(self.storage, t[0].tenant_id, t[0].spec, t[1],
-                                             self._image(t[0].tenant_id)), thumbnails))
+        thumbs.written(made)
         for outcome in store.outcomes:
             if outcome.status == JobStatus.SUCCEEDED:
                 outcome.timings["encode"] = clock.total("encode", outcome.output_keys)
