@@ -140,6 +140,9 @@ class Settings(BaseSettings):
     s3_access_key: str = "step1x"
     s3_secret_key: str = "step1x-dev-secret"
     presign_seconds: int = 3600
+    # PEM file of the CAs to trust for an https S3 endpoint (one behind a private CA), for every S3
+    # client of the service; unset: AWS_CA_BUNDLE, as boto3 reads it, else the system's CA store.
+    s3_ca_bundle: str | None = None
     # Parallel uploads per worker; the S3 connection pool is sized to match.
     upload_concurrency: int = 8
     # zlib's level for PNG outputs: 1 encodes fastest, 9 smallest (`python -m bench.encode`).

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import hmac
 import io
+import os
 import re
 import selectors
 import socket
@@ -78,7 +79,8 @@ class ObjectClient:
     retries on connection errors and 5xx like botocore's standard mode (both requests are idempotent)."""
 
     def __init__(self, endpoint: str, region: str, access_key: str, secret_key: str, connections: int,
-                 attempts: int) -> None:
+                 attempts: int, ca_bundle: str | None = None) -> None:
+        """`ca_bundle`: PEM file of the CAs to trust over https (default: the system's store)."""
         url = urlsplit(endpoint)
         default_port = 443 if url.scheme == "https" else 80
         # The Host header as signed: without the port when it is the scheme's default (as botocore does).
@@ -88,9 +90,10 @@ class ObjectClient:
         retries = urllib3.Retry(total=attempts - 1, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504),
                                 allowed_methods=None, raise_on_status=False)
         timeout = urllib3.Timeout(connect=10, read=60)
+        tls = {"ca_certs": ca_bundle} if ca_bundle and url.scheme == "https" else {}
         self.pool = urllib3.connectionpool.connection_from_url(endpoint, maxsize=connections, retries=retries,
-                                                                timeout=timeout)
-        self.endpoint, self.attempts = f"{url.scheme}://{url.netloc}", attempts
+                                                                timeout=timeout, **tls)
+        self.endpoint, self.attempts, self.ca_bundle = f"{url.scheme}://{url.netloc}", attempts, ca_bundle
         self._keys: dict[str, bytes] = {}
         self._local = threading.local()  # each thread's `_Transfers`
 
@@ -207,7 +210,7 @@ class ObjectClient:
     def _transfers(self) -> _Transfers:
         local = self._local
         if not hasattr(local, "transfers"):
-            local.transfers = _Transfers(self.endpoint)
+            local.transfers = _Transfers(self.endpoint, self.ca_bundle)
         return local.transfers
 
 
@@ -217,8 +220,8 @@ class _Transfers:
     callbacks, not select(2), which cannot watch a descriptor numbered over 1023; a socket pair in
     the same selector wakes the wait when an object being made elsewhere is done."""
 
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self, endpoint: str, ca_bundle: str | None) -> None:
+        self.endpoint, self.ca_bundle = endpoint, ca_bundle
         self.multi = pycurl.CurlMulti()
         self.multi.setopt(pycurl.M_SOCKETFUNCTION, self._watch)
         self.multi.setopt(pycurl.M_TIMERFUNCTION, self._timer)
@@ -232,7 +235,7 @@ class _Transfers:
 
     def start(self, request: tuple[str, bytes, list[str]]) -> tuple[Any, io.BytesIO]:
         url, data, headers = request
-        curl = self.idle.pop() if self.idle else _curl(self.endpoint)
+        curl = self.idle.pop() if self.idle else _curl(self.endpoint, self.ca_bundle)
         reply = io.BytesIO()
         curl.setopt(pycurl.URL, url)
         curl.setopt(pycurl.POSTFIELDS, data)
@@ -307,7 +310,7 @@ def _made(item: StoredObject | Future[StoredObject]) -> StoredObject:
     return item.result() if isinstance(item, Future) else item
 
 
-def _curl(endpoint: str) -> Any:
+def _curl(endpoint: str, ca_bundle: str | None) -> Any:
     curl = pycurl.Curl()
     curl.setopt(pycurl.NOSIGNAL, 1)  # libcurl in threads: no SIGALRM for timeouts
     curl.setopt(pycurl.PROXY, "")  # as `put`: straight to the endpoint, whatever http_proxy says
@@ -316,7 +319,9 @@ def _curl(endpoint: str) -> Any:
     curl.setopt(pycurl.LOW_SPEED_TIME, 60)
     curl.setopt(pycurl.PATH_AS_IS, 1)  # the path as signed: no "." or ".." segments folded away
     curl.setopt(pycurl.HTTP_VERSION, pycurl.CURL_HTTP_VERSION_1_1)  # as `put`: a connection per transfer
-    if endpoint.startswith("https:"):
+    if endpoint.startswith("https:") and ca_bundle:
+        curl.setopt(pycurl.CAINFO, ca_bundle)
+    elif endpoint.startswith("https:"):
         # The CAs Python's ssl trusts, as for `put`: libcurl's own default path differs per build.
         paths = ssl.get_default_verify_paths()
         if paths.cafile:
@@ -341,6 +346,7 @@ class Storage:
                           # whole-object reads and writes go through `objects`; what is left here
                           # (copies of cached outputs, deletes, presigning) runs a few threads at most
                           max_pool_connections=s.upload_concurrency + 2),
+            verify=s.s3_ca_bundle,  # None: boto3's own default (AWS_CA_BUNDLE, else its CA store)
         )
 
     @cached_property
@@ -362,10 +368,11 @@ class Storage:
     @cached_property
     def objects(self) -> ObjectClient:
         s = self.settings
-        # Connections for the thumbnails' uploads, the micro-batch's input reads and the lookahead's
-        # (the outputs' uploads, `put_many`, hold their own).
+        # Connections for the micro-batch's input reads, the lookahead's and single PUTs (a
+        # micro-batch's uploads, `put_many`, hold their own).
         return ObjectClient(self.client.meta.endpoint_url, s.s3_region, s.s3_access_key, s.s3_secret_key,
-                            connections=3 * s.upload_concurrency + 2, attempts=s.s3_max_attempts)
+                            connections=2 * s.upload_concurrency + 2, attempts=s.s3_max_attempts,
+                            ca_bundle=s.s3_ca_bundle or os.environ.get("AWS_CA_BUNDLE"))
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self.objects.put(self.bucket, key, data, content_type)

@@ -8,6 +8,7 @@ import hashlib
 import os
 import resource
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,11 +19,13 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 import pytest
+import trustme
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
-from core.storage import ObjectClient, ObjectError
+from core.settings import Settings
+from core.storage import ObjectClient, ObjectError, Storage
 
 
 @pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8333", "https://s3.example.test", "http://s3.example.test:80/"])
@@ -58,8 +61,9 @@ class _Recorder(ThreadingHTTPServer):
     slowly. `reply(key, attempt)` gives the status and the seconds before it; every request is
     recorded, and the most in progress at once counted."""
 
-    def __init__(self, reply: Callable[[str, int], tuple[int, float]]) -> None:
+    def __init__(self, reply: Callable[[str, int], tuple[int, float]], tls: ssl.SSLContext | None = None) -> None:
         self.requests: list[tuple[str, Any, bytes]] = []
+        self.deleted: list[str] = []
         self.answered: list[str] = []
         self.most_at_once = self._at_once = 0
         self.lock = threading.Lock()
@@ -85,21 +89,29 @@ class _Recorder(ThreadingHTTPServer):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
+            def do_DELETE(self) -> None:
+                server.deleted.append(unquote(self.path.removeprefix("/bucket/")))
+                self.send_response(204)
+                self.end_headers()
+
             def log_message(self, *_: object) -> None:
                 pass
 
         super().__init__(("127.0.0.1", 0), Handler)
+        if tls is not None:  # handshakes as each connection is accepted
+            self.socket = tls.wrap_socket(self.socket, server_side=True)
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.server_address[1]}"
         self.daemon_threads = True
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
-    def client(self, attempts: int) -> ObjectClient:
-        return ObjectClient(f"http://127.0.0.1:{self.server_address[1]}", "us-east-1", "AKIDEXAMPLE", "secret",
-                            connections=1, attempts=attempts)
+    def client(self, attempts: int, ca_bundle: str | None = None) -> ObjectClient:
+        return ObjectClient(self.url, "us-east-1", "AKIDEXAMPLE", "secret", connections=1, attempts=attempts,
+                            ca_bundle=ca_bundle)
 
 
 @contextlib.contextmanager
-def recorder(reply: Callable[[str, int], tuple[int, float]]) -> Iterator[_Recorder]:
-    server = _Recorder(reply)
+def recorder(reply: Callable[[str, int], tuple[int, float]], tls: ssl.SSLContext | None = None) -> Iterator[_Recorder]:
+    server = _Recorder(reply, tls)
     try:
         yield server
     finally:
@@ -237,3 +249,47 @@ def test_put_many_goes_straight_to_the_endpoint_whatever_http_proxy_says(
         flaky.client(attempts=3).put_many("bucket", [("outputs/d.png", b"d", "image/png")], 4)
         assert proxy.requests == []
         assert len(flaky.requests) == 3  # two 503s, then stored
+
+
+@pytest.fixture
+def private_ca(tmp_path: Any) -> Iterator[tuple[_Recorder, str]]:
+    """An S3 stand-in over https whose certificate a private CA signed, and that CA's PEM file."""
+    ca = trustme.CA()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(tls)
+    bundle = tmp_path / "private-ca.pem"
+    ca.cert_pem.write_to_path(str(bundle))
+    with recorder(lambda key, attempt: (200, 0.0), tls) as server:
+        yield server, str(bundle)
+
+
+def test_https_behind_a_private_ca_takes_its_bundle_and_refuses_without_it(private_ca: tuple[_Recorder, str]) -> None:
+    server, bundle = private_ca
+    trusting = server.client(attempts=1, ca_bundle=bundle)
+    trusting.put("bucket", "outputs/one.png", b"1", "image/png")
+    trusting.put_many("bucket", [("outputs/two.png", b"2", "image/png")], 2)
+    assert [key for key, _, _ in server.requests] == ["outputs/one.png", "outputs/two.png"]
+
+    stranger = server.client(attempts=1)  # the system's store does not hold the private CA
+    with pytest.raises(ObjectError, match=r"'outputs/three.png'.*(?i:certificate)"):
+        stranger.put("bucket", "outputs/three.png", b"3", "image/png")
+    with pytest.raises(ObjectError, match=r"'outputs/four.png'.*(?i:certificate)"):
+        stranger.put_many("bucket", [("outputs/four.png", b"4", "image/png")], 2)
+    assert len(server.requests) == 2
+
+
+@pytest.mark.parametrize("where", ["setting", "AWS_CA_BUNDLE"])
+def test_every_s3_client_of_the_service_trusts_the_configured_bundle(
+        private_ca: tuple[_Recorder, str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    server, bundle = private_ca
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    if where == "AWS_CA_BUNDLE":
+        monkeypatch.setenv("AWS_CA_BUNDLE", bundle)
+    settings = Settings(s3_endpoint_url=server.url, s3_bucket="bucket",
+                        s3_ca_bundle=bundle if where == "setting" else None)
+    storage = Storage(settings)
+    storage.put("inputs/a.png", b"a", "image/png")  # urllib3
+    storage.put_many([("outputs/b.png", b"b", "image/png")])  # libcurl
+    storage.delete("outputs/b.png")  # boto3
+    assert [key for key, _, _ in server.requests] == ["inputs/a.png", "outputs/b.png"]
+    assert server.deleted == ["outputs/b.png"]
