@@ -141,7 +141,7 @@ class Settings(BaseSettings):
     s3_secret_key: str = "step1x-dev-secret"
     presign_seconds: int = 3600
     # PEM file of the CAs to trust for an https S3 endpoint (one behind a private CA), for every S3
-    # client of the service; unset: AWS_CA_BUNDLE, as boto3 reads it, else the system's CA store.
+    # client of the service; unset (or empty): AWS_CA_BUNDLE, else the system's CA store.
     s3_ca_bundle: str | None = None
     # Parallel uploads per worker; the S3 connection pool is sized to match.
     upload_concurrency: int = 8
@@ -267,6 +267,10 @@ class Settings(BaseSettings):
         for key, name in self.default_models.items():
             if name not in self.models:
                 raise ConfigError(f"STEP1X_DEFAULT_MODELS[{key!r}] names unknown model profile {name!r}")
+        # Worked out once, so the three S3 clients (urllib3, libcurl, boto3) trust the same CAs.
+        self.s3_ca_bundle = self.s3_ca_bundle or os.environ.get("AWS_CA_BUNDLE") or None
+        if self.s3_ca_bundle and not Path(self.s3_ca_bundle).is_file():
+            raise ConfigError(f"STEP1X_S3_CA_BUNDLE (or AWS_CA_BUNDLE): no file at {self.s3_ca_bundle}")
         if self.environment == "production" and self.s3_secret_key in PLACEHOLDER_SECRETS:
             raise ConfigError("STEP1X_S3_SECRET_KEY is a development placeholder: set a real secret")
         if self.environment == "production" and (self.session_secret in PLACEHOLDER_SECRETS

@@ -12,7 +12,6 @@ import contextlib
 import hashlib
 import hmac
 import io
-import os
 import re
 import selectors
 import socket
@@ -310,6 +309,13 @@ def _made(item: StoredObject | Future[StoredObject]) -> StoredObject:
     return item.result() if isinstance(item, Future) else item
 
 
+def _system_cas() -> str | None:
+    """The system's CA store, as Python's ssl finds it (SSL_CERT_FILE / SSL_CERT_DIR, else OpenSSL's
+    default paths): what urllib3's default context loads."""
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile or paths.capath
+
+
 def _curl(endpoint: str, ca_bundle: str | None) -> Any:
     curl = pycurl.Curl()
     curl.setopt(pycurl.NOSIGNAL, 1)  # libcurl in threads: no SIGALRM for timeouts
@@ -346,7 +352,7 @@ class Storage:
                           # whole-object reads and writes go through `objects`; what is left here
                           # (copies of cached outputs, deletes, presigning) runs a few threads at most
                           max_pool_connections=s.upload_concurrency + 2),
-            verify=s.s3_ca_bundle,  # None: boto3's own default (AWS_CA_BUNDLE, else its CA store)
+            verify=s.s3_ca_bundle or _system_cas(),  # not certifi's, which urllib3 and libcurl do not read
         )
 
     @cached_property
@@ -372,7 +378,7 @@ class Storage:
         # micro-batch's uploads, `put_many`, hold their own).
         return ObjectClient(self.client.meta.endpoint_url, s.s3_region, s.s3_access_key, s.s3_secret_key,
                             connections=2 * s.upload_concurrency + 2, attempts=s.s3_max_attempts,
-                            ca_bundle=s.s3_ca_bundle or os.environ.get("AWS_CA_BUNDLE"))
+                            ca_bundle=s.s3_ca_bundle)
 
     def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
         self.objects.put(self.bucket, key, data, content_type)

@@ -5,6 +5,7 @@ import io
 import json
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import replace
 from datetime import timedelta
 
@@ -335,64 +336,87 @@ def test_canceling_a_finished_batch_keeps_its_status(settings, worker):
 
 
 class RecordingStorage(Storage):
-    """Records which keys went through `put` and `put_many`; `refuse` names a prefix whose PUTs the
-    service refuses."""
+    """Records the keys `put_many` is given, in order (`given`), and those it stored (`stored`), and
+    any `put`. `refuse`: a key prefix whose objects fail as they are made, while the transfers of
+    the others go on, as a refused PUT ends the call."""
 
     def __init__(self, settings, refuse=None):
         super().__init__(settings)
-        self.puts, self.sent_together, self.refuse = [], [], refuse
+        self.puts, self.given, self.stored, self.refuse = [], [], [], refuse
 
     def put(self, key, data, content_type="application/octet-stream"):
         self.puts.append(key)
         super().put(key, data, content_type)
 
     def put_many(self, objects, stored=None):
-        def recorded():
-            for item in objects:  # (key, data, content type), or a future of one
-                made = item.result() if hasattr(item, "result") else item
-                if self.refuse and made[0].startswith(self.refuse):
-                    raise ObjectError(f"PUT {made[0]}: 403 Forbidden")
-                self.sent_together.append(made[0])
-                yield made
+        objects = list(objects)
+        given = [None] * len(objects)
 
-        super().put_many(recorded(), stored)
+        def relay(i, made, out):
+            try:
+                key, data, content_type = made.result()
+            except BaseException as exc:
+                out.set_exception(exc)
+                return
+            given[i] = key
+            if self.refuse and key.startswith(self.refuse):
+                out.set_exception(ObjectError(f"PUT {key!r}: HTTP 403"))
+            else:
+                out.set_result((key, data, content_type))
+
+        relayed = []
+        for i, item in enumerate(objects):  # futures of (key, data, content type), as the worker hands them over
+            out = Future()
+            item.add_done_callback(lambda made, i=i, out=out: relay(i, made, out))
+            relayed.append(out)
+
+        def recorded(key, seconds):
+            self.stored.append(key)
+            if stored is not None:
+                stored(key, seconds)
+
+        try:
+            super().put_many(relayed, recorded)
+        finally:
+            self.given = given
 
 
 def test_thumbnails_are_stored_with_the_outputs_and_no_job_finishes_without_them(settings):
     """Outputs past 256 px get a thumbnail, and their input one, once per process: all of a micro-batch's
     objects go out in one `put_many`, outputs first. A thumbnail that cannot be stored interrupts the
     micro-batch like an output: its jobs go back to the queue unfinished."""
+    thumbs._written_inputs.clear()  # as in a fresh process
     client = api_client(settings)
     image = upload(client, png((80, 80)))  # 320 px outputs
     batch_id = submit(client, [{"custom_id": f"t{i}", "kind": "upscale", "image": image, "model": "lanczos-x4",
                                 "seed": i, "cache": False} for i in range(3)])
     jobs = jobs_of(settings, batch_id)
+    tenant = jobs["t0"].tenant_id
     refusing = RecordingStorage(settings, refuse="thumbs/")
     with pytest.raises(Interrupted, match="403"):
         MicroBatch(settings, refusing, Registry(settings).get, worker="w1@host").run([j.id for j in jobs.values()])
     assert {(j.status, j.finished_at, j.attempts) for j in jobs_of(settings, batch_id).values()} == {
         ("queued", None, 0)}
+    assert not any(key.startswith("thumbs/") for key in refusing.stored)
+    assert input_thumb_key(tenant, image) not in thumbs._written_inputs  # made again next time
 
-    thumbs._written_inputs.clear()  # as in a fresh process
     storage = RecordingStorage(settings)
     stored_raw = settings.model_copy(update={"png_compress_level": 0})  # STEP1X_PNG_COMPRESS_LEVEL reaches zlib
     MicroBatch(stored_raw, storage, Registry(settings).get, worker="w2@host").run([j.id for j in jobs.values()])
     done = jobs_of(settings, batch_id)
     outputs = sorted(key for job in done.values() for key in job.output_keys)
-    tenant = done["t0"].tenant_id
     assert {j.status for j in done.values()} == {"succeeded"} and len(outputs) == 3
     assert storage.puts == []
-    assert sorted(storage.sent_together[:3]) == outputs
-    assert sorted(storage.sent_together[3:]) == sorted([*(thumb_key(k) for k in outputs),
-                                                        input_thumb_key(tenant, image)])
-    for key in storage.sent_together:
+    assert sorted(storage.given[:3]) == outputs
+    assert sorted(storage.given[3:]) == sorted([*(thumb_key(k) for k in outputs), input_thumb_key(tenant, image)])
+    assert sorted(storage.stored) == sorted(storage.given)
+    for key in storage.given:
         assert storage.exists(key)
     assert len(storage.get(outputs[0])) > 320 * 320 * 3
 
     again = submit(client, [{"custom_id": "more", "kind": "upscale", "image": image, "model": "lanczos-x4",
                              "cache": False}])
     [job] = jobs_of(settings, again).values()
-    storage.sent_together.clear()
     MicroBatch(settings, storage, Registry(settings).get, worker="w2@host").run([job.id])
-    assert storage.sent_together == [jobs_of(settings, again)["more"].output_keys[0],
-                                     thumb_key(jobs_of(settings, again)["more"].output_keys[0])]
+    [output] = jobs_of(settings, again)["more"].output_keys
+    assert storage.given == [output, thumb_key(output)]  # the input's thumbnail is not made again

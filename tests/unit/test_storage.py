@@ -24,6 +24,7 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 
+from core.errors import ConfigError
 from core.settings import Settings
 from core.storage import ObjectClient, ObjectError, Storage
 
@@ -278,18 +279,26 @@ def test_https_behind_a_private_ca_takes_its_bundle_and_refuses_without_it(priva
     assert len(server.requests) == 2
 
 
-@pytest.mark.parametrize("where", ["setting", "AWS_CA_BUNDLE"])
-def test_every_s3_client_of_the_service_trusts_the_configured_bundle(
+@pytest.mark.parametrize("where", ["STEP1X_S3_CA_BUNDLE", "AWS_CA_BUNDLE", "the system's store"])
+def test_every_s3_client_of_the_service_trusts_the_same_cas(
         private_ca: tuple[_Recorder, str], where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Wherever the CA is configured, urllib3 (put), libcurl (put_many) and boto3 (delete) all trust
+    it; left to itself, boto3 would read certifi's bundle and not the system's store."""
     server, bundle = private_ca
-    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
-    if where == "AWS_CA_BUNDLE":
-        monkeypatch.setenv("AWS_CA_BUNDLE", bundle)
-    settings = Settings(s3_endpoint_url=server.url, s3_bucket="bucket",
-                        s3_ca_bundle=bundle if where == "setting" else None)
-    storage = Storage(settings)
-    storage.put("inputs/a.png", b"a", "image/png")  # urllib3
-    storage.put_many([("outputs/b.png", b"b", "image/png")])  # libcurl
-    storage.delete("outputs/b.png")  # boto3
+    for name in ("STEP1X_S3_CA_BUNDLE", "AWS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    # SSL_CERT_FILE stands for a CA installed system-wide: Python's ssl, and so urllib3, reads it.
+    monkeypatch.setenv("SSL_CERT_FILE" if where == "the system's store" else where, bundle)
+    storage = Storage(Settings(s3_endpoint_url=server.url, s3_bucket="bucket"))
+    storage.put("inputs/a.png", b"a", "image/png")
+    storage.put_many([("outputs/b.png", b"b", "image/png")])
+    storage.delete("outputs/b.png")
     assert [key for key, _, _ in server.requests] == ["inputs/a.png", "outputs/b.png"]
     assert server.deleted == ["outputs/b.png"]
+
+
+def test_the_ca_bundle_setting_names_a_file(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AWS_CA_BUNDLE", raising=False)
+    assert Settings(s3_ca_bundle="").s3_ca_bundle is None  # empty: unset, for every client alike
+    with pytest.raises(ConfigError, match=r"STEP1X_S3_CA_BUNDLE.*no file at .*missing\.pem"):
+        Settings(s3_ca_bundle=str(tmp_path / "missing.pem"))
