@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import io
-import json
 import os
 import statistics
 import tempfile
@@ -22,11 +21,10 @@ from typing import Any
 
 from PIL import Image
 from rich.console import Console
-from rich.table import Table
 
-from bench.spread import spread, spread_text
+from bench.spread import print_table, spread, spread_text, write_results
 from bench.stack import BenchStack
-from bench.worker import run_batch
+from bench.worker import fresh_worker_rate
 from core.formats import PNG_LEVEL, encode
 from step1x.demo import sample_photo
 
@@ -56,17 +54,11 @@ def encoding() -> dict[str, dict[int, dict[str, float]]]:
 
 def system(stack: BenchStack, inputs: list[str], level: int, first: int) -> float:
     """Jobs/s of JOBS upscales on a fresh worker at `level` (after a warm-up batch of 8)."""
-    stack.start_worker(STEP1X_PNG_COMPRESS_LEVEL=str(level))
-    try:
-        with stack.client() as client:
-            def items(start: int, count: int) -> list[dict[str, Any]]:
-                return [{"custom_id": f"u{i}", "kind": "upscale", "model": "lanczos-x4", "cache": False,
-                         "image": inputs[i % len(inputs)], "seed": i} for i in range(start, start + count)]
-            run_batch(client, items(first, 8))
-            _, seconds = run_batch(client, items(first + 8, JOBS))
-        return JOBS / seconds
-    finally:
-        stack.stop_worker()
+    def items(start: int, count: int) -> list[dict[str, Any]]:
+        return [{"custom_id": f"u{i}", "kind": "upscale", "model": "lanczos-x4", "cache": False,
+                 "image": inputs[i % len(inputs)], "seed": i} for i in range(start, start + count)]
+
+    return fresh_worker_rate(stack, {"STEP1X_PNG_COMPRESS_LEVEL": str(level)}, items, first, 8, JOBS)
 
 
 def main() -> dict[str, Any]:
@@ -97,26 +89,18 @@ def main() -> dict[str, Any]:
         "system_jobs_per_s": {str(level): spread(runs) for level, runs in rates.items()},
         "system_gain_vs_level_6": {str(level): spread([r / six for r, six in zip(runs, rates[6], strict=True)])
                                    for level, runs in rates.items() if level != 6}}
-    table = Table(title="PNG outputs by zlib level: one encode of a 2048 px sample photo")
-    for column in ("photo", "level", "ms", "MiB", "time ÷ level 6", "bytes against level 6"):
-        table.add_column(column)
-    for name, levels in alone.items():
-        six = levels[6]
-        for level, f in levels.items():
-            table.add_row(name, str(level), f"{f['ms']:.0f}", f"{f['mib']:.2f}", f"{f['ms'] / six['ms']:.2f}",
-                          f"{f['mib'] / six['mib'] - 1:+.0%}")
-    console.print(table)
-    system_table = Table(title=f"Whole system: {JOBS} lanczos-x4 upscales to 1024 px, jobs/s ({REPEATS} interleaved "
-                               "repeats, min / median / max)")
-    for column in ("level", "jobs/s", "÷ level 6"):
-        system_table.add_column(column)
-    for level in LEVELS:
-        gain = result["system_gain_vs_level_6"].get(str(level))
-        system_table.add_row(str(level) + (" (default)" if level == PNG_LEVEL else ""),
-                             spread_text(result["system_jobs_per_s"][str(level)]), spread_text(gain) if gain else "")
-    console.print(system_table)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"written to {RESULTS}")
+    print_table("PNG outputs by zlib level: one encode of a 2048 px sample photo",
+                ("photo", "level", "ms", "MiB", "time ÷ level 6", "bytes against level 6"),
+                [(name, str(level), f"{f['ms']:.0f}", f"{f['mib']:.2f}", f"{f['ms'] / levels[6]['ms']:.2f}",
+                  f"{f['mib'] / levels[6]['mib'] - 1:+.0%}")
+                 for name, levels in alone.items() for level, f in levels.items()])
+    gains = result["system_gain_vs_level_6"]
+    print_table(f"Whole system: {JOBS} lanczos-x4 upscales to 1024 px, jobs/s ({REPEATS} interleaved repeats, "
+                "min / median / max)", ("level", "jobs/s", "÷ level 6"),
+                [(str(level) + (" (default)" if level == PNG_LEVEL else ""),
+                  spread_text(result["system_jobs_per_s"][str(level)]),
+                  spread_text(gains[str(level)]) if str(level) in gains else "") for level in LEVELS])
+    write_results(RESULTS, result)
     return result
 
 

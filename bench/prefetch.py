@@ -11,7 +11,6 @@ where reading inputs waits on the network rather than the CPU.
 from __future__ import annotations
 
 import io
-import json
 import os
 import statistics
 import tempfile
@@ -20,12 +19,11 @@ from typing import Any
 
 from PIL import Image
 from rich.console import Console
-from rich.table import Table
 
 from bench.latency import delayed
-from bench.spread import spread, spread_text
+from bench.spread import print_table, spread, spread_text, write_results
 from bench.stack import BenchStack
-from bench.worker import run_batch
+from bench.worker import fresh_worker_rate
 
 console = Console()
 REPEATS = 3
@@ -42,17 +40,12 @@ def _input_png(seed: int, mode: str) -> bytes:
 
 def measure(stack: BenchStack, s3_url: str, prefetch: bool, inputs: list[tuple[str, str]], start: int) -> float:
     """Images/s of one batch of IMAGES jobs on a fresh worker (after a warm-up batch of 16)."""
-    stack.start_worker(STEP1X_S3_ENDPOINT_URL=s3_url, STEP1X_PREFETCH_INPUTS=str(prefetch).lower())
-    try:
-        with stack.client() as client:
-            def items(first: int, count: int) -> list[dict[str, Any]]:
-                return [{"custom_id": f"i{i}", **SPEC, "image": inputs[i % len(inputs)][0],
-                         "mask": inputs[i % len(inputs)][1], "seed": i} for i in range(first, first + count)]
-            run_batch(client, items(start, 16))
-            _, seconds = run_batch(client, items(start + 16, IMAGES))
-        return IMAGES / seconds
-    finally:
-        stack.stop_worker()
+    def items(first: int, count: int) -> list[dict[str, Any]]:
+        return [{"custom_id": f"i{i}", **SPEC, "image": inputs[i % len(inputs)][0],
+                 "mask": inputs[i % len(inputs)][1], "seed": i} for i in range(first, first + count)]
+
+    env = {"STEP1X_S3_ENDPOINT_URL": s3_url, "STEP1X_PREFETCH_INPUTS": str(prefetch).lower()}
+    return fresh_worker_rate(stack, env, items, start, 16, IMAGES)
 
 
 def main() -> dict[str, Any]:
@@ -84,17 +77,13 @@ def main() -> dict[str, Any]:
     for where in ("loopback", "20ms"):
         gains = [on / off for on, off in zip(rates[f"{where}_on"], rates[f"{where}_off"], strict=True)]
         result[f"input_prefetch_gain_{where}"] = spread(gains)
-    table = Table(title=f"Input lookahead: inpainting images/s, on vs off ({REPEATS} interleaved repeats, medians)")
-    for column in ("worker's S3", "on", "off", "gain (min / median / max)"):
-        table.add_column(column)
-    for where, label in (("loopback", "loopback"), ("20ms", "through 20 ms round trips")):
-        gain = result[f"input_prefetch_gain_{where}"]
-        table.add_row(label, f"{result['images_per_s'][f'{where}_on']:.1f}",
-                      f"{result['images_per_s'][f'{where}_off']:.1f}",
-                      spread_text(gain, ".2f"))
-    console.print(table)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"written to {RESULTS}")
+    print_table(f"Input lookahead: inpainting images/s, on vs off ({REPEATS} interleaved repeats, medians)",
+                ("worker's S3", "on", "off", "gain (min / median / max)"),
+                [(label, f"{result['images_per_s'][f'{where}_on']:.1f}",
+                  f"{result['images_per_s'][f'{where}_off']:.1f}",
+                  spread_text(result[f"input_prefetch_gain_{where}"], ".2f"))
+                 for where, label in (("loopback", "loopback"), ("20ms", "through 20 ms round trips"))])
+    write_results(RESULTS, result)
     return result
 
 

@@ -1,10 +1,15 @@
-"""How every bench reports a figure measured several times: min, median and max of the runs."""
+"""How every bench reports its figures: min, median and max of the runs, a table, a results file."""
 
 from __future__ import annotations
 
+import json
 import statistics
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.table import Table
 
 
 def spread(values: Sequence[float]) -> dict[str, Any]:
@@ -14,3 +19,17 @@ def spread(values: Sequence[float]) -> dict[str, Any]:
 def spread_text(figure: dict[str, Any], digits: str = ".3g") -> str:
     """"min / median / max" of a `spread`."""
     return " / ".join(f"{figure[name]:{digits}}" for name in ("min", "median", "max"))
+
+
+def print_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]]) -> None:
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+
+
+def write_results(path: Path, result: dict[str, Any]) -> None:
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    Console().print(f"written to {path}")

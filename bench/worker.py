@@ -75,6 +75,20 @@ def run_batch(client: httpx.Client, items: list[dict[str, Any]], timeout: float 
     return batch_id, stamp_seconds(batch["finished_at"]) - started
 
 
+def fresh_worker_rate(stack: BenchStack, env: dict[str, str], items: Callable[[int, int], list[dict[str, Any]]],
+                      first: int, warm: int, count: int) -> float:
+    """Jobs/s of one batch of `count` jobs on a worker freshly started with `env` (STEP1X_*), after a
+    warm-up batch of `warm`; `items(start, n)` makes n distinct jobs numbered from `start`."""
+    stack.start_worker(**env)
+    try:
+        with stack.client() as client:
+            run_batch(client, items(first, warm))
+            _, seconds = run_batch(client, items(first + warm, count))
+        return count / seconds
+    finally:
+        stack.stop_worker()
+
+
 def tagged_items(n: int, tag: str, **spec: Any) -> list[dict[str, Any]]:
     return [{"custom_id": f"{tag}-{i}", **spec, "seed": i} for i in range(n)]
 
