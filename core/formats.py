@@ -17,7 +17,7 @@ CONTENT_TYPES: dict[str, str] = {"png": "image/png", "jpeg": "image/jpeg", "webp
 EXTENSIONS: dict[str, str] = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 EXTENSION_OF_TYPE = {CONTENT_TYPES[f]: EXTENSIONS[f] for f in CONTENT_TYPES}
 # zlib's level 4 against Pillow's default 6, on sample photos upscaled to 2048 px: 2.5-2.8 times
-# faster for 3-5% more bytes (two runs) (`python -m bench.encode`); a worker encodes every output it makes.
+# faster for 3-5% more bytes in two runs of `python -m bench.encode`; a worker encodes every output it makes.
 PNG_LEVEL = 4
 
 
