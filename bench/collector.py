@@ -8,7 +8,6 @@ the worker's log (`core.heap.report_pauses`), from which the longest pause each 
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -19,6 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from bench.spread import write_results
 from bench.stack import BenchStack
 from bench.worker import noise_png, run_batch, tagged_items
 from core.heap import PAUSE_SECONDS
@@ -88,8 +88,7 @@ def main() -> dict[str, Any]:
                       f"{longest[1]}, {longest[2]:,}" if longest else "")
     console.print(table)
     report = {"repeats": REPEATS, "batches_per_worker": BATCHES, "jobs_per_batch": JOBS, "figures": figures}
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"written to {RESULTS}")
+    write_results(RESULTS, report)
     return report
 
 

@@ -9,7 +9,6 @@ is asked for the same 10,000-job batch in turn, interleaved, repeated; median mi
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import subprocess
@@ -25,7 +24,7 @@ from rich.console import Console
 
 from api import deps
 from api.app import create_app
-from bench.spread import spread, spread_text
+from bench.spread import spread, spread_text, write_results
 from bench.stack import BenchStack
 from bench.submit import manifest
 from core.services import free_port
@@ -110,8 +109,7 @@ def main() -> dict[str, Any]:
     for name, label in (("async_ms", "async dependencies (as shipped), ms"),
                         ("threaded_ms", "the same as plain defs, ms"), ("threaded_vs_async", "plain ÷ async")):
         console.print(f"GET of a 10,000-job batch, {label}: {spread_text(figures[name], '.2f')} (min / median / max)")
-    RESULTS.write_text(json.dumps({"repeats": REPEATS, "reads": READS, "figures": figures}, indent=2) + "\n")
-    console.print(f"written to {RESULTS}")
+    write_results(RESULTS, {"repeats": REPEATS, "reads": READS, "figures": figures})
     return figures
 
 

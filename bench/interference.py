@@ -24,7 +24,6 @@ Linux only (sched_setaffinity); the pinned run needs two CPUs or more.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import tempfile
 import time
@@ -37,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import select
 
-from bench.spread import spread, spread_text
+from bench.spread import spread, spread_text, write_results
 from bench.stack import BenchStack
 from bench.worker import GENERATE, generate_requests, run_batch, tagged_items
 from core.db import session_scope
@@ -156,8 +155,7 @@ def main() -> dict[str, Any]:
                           spread_text(figures[f"{name}_vs_raw"], ".2f"), spread_text(system, ".2f") if system else "")
     console.print(table)
     result = {"size": SIZE, "alone": ALONE, "streamed": STREAMED, "repeats": REPEATS, "figures": figures}
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"written to {RESULTS}")
+    write_results(RESULTS, result)
     return result
 
 

@@ -11,7 +11,6 @@ side, interleaved, repeated. Its pixel budget alone holds 16,384 upscales of 8x8
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from bench.spread import spread, spread_text
+from bench.spread import spread, spread_text, write_results
 from bench.stack import BenchStack
 from bench.worker import noise_png, run_batch, singles_waits, tagged_items
 
@@ -81,8 +80,7 @@ def main() -> dict[str, Any]:
     console.print("min / median / max")
     result = {"default_max_jobs": cap, "lifted_max_jobs": LIFTED, "backlog": BACKLOG, "probes": PROBES,
               "noop_jobs": NOOPS, "repeats": REPEATS, "figures": figures}
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    console.print(f"written to {RESULTS}")
+    write_results(RESULTS, result)
     return result
 
 
