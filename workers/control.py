@@ -21,6 +21,10 @@ import workers.deliver  # noqa: E402  (webhook deliveries and URL fetches)
 import workers.signals  # noqa: E402,F401  (registers timing/logging hooks)
 
 
-@app.task(name=RECONCILE)
+@app.task(name=RECONCILE, acks_late=False)
 def reconcile_task() -> dict[str, int]:
+    # Acknowledged on receipt, like every task of this process: the beat sends the next pass, so a
+    # lost message costs nothing. And a message left unacknowledged when Redis goes away made
+    # kombu's reconnect fail (an AttributeError while restoring it, which Celery treats as
+    # unrecoverable): the control process exited, and with it the recovery from that very outage.
     return reconcile(get_settings())
