@@ -4,7 +4,7 @@ repeated REPEATS times; the table shows min / median / max and the target, and e
 written to bench/results.json (with `--trace`, tiny-sd runs traced and bench/results-traced.json is
 written instead). Full runs add the engine-level comparisons of `bench.models`, webhook
 delivery (`bench.webhooks`), the input lookahead (`bench.prefetch`), the job cap (`bench.jobcap`),
-PNG compression levels (`bench.encode`),
+PNG compression levels (`bench.encode`), freed memory held or not (`bench.malloc`),
 where the forward pass slows down in the system (`bench.interference`), the API's thread-pool
 hops (`bench.hops`) and traced engines (`bench.tracing`).
 """
@@ -130,13 +130,14 @@ def main() -> None:
                                   indent=2) + "\n")
     console.print(f"written to {results}")
     if not args.quick:
-        from bench import encode, hops, interference, jobcap, prefetch, tracing, webhooks
+        from bench import encode, hops, interference, jobcap, malloc, prefetch, tracing, webhooks
 
         webhooks.main()
         hops.main()
         prefetch.main()
         jobcap.main()
         encode.main()
+        malloc.main()
         interference.main()
         tracing.main()
 

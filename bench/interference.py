@@ -71,8 +71,10 @@ def _engine_images_per_s(stack: BenchStack, batch_ids: list[str]) -> float:
 
 
 def _raw(stack: BenchStack) -> float:
+    from core import heap
     from models.profiles import create_engine
 
+    heap.hold_freed_memory()  # as in the worker's engine process
     engine = create_engine("tiny-sd", stack.settings)
     requests = generate_requests(SIZE)
     engine.run(requests)  # warm

@@ -148,6 +148,14 @@ class BenchStack:
         return {"task_thread": task, "other_threads": sum(threads.values()), "engine_process": engine,
                 "other_processes": machine}
 
+    def engine_page_faults(self) -> int:
+        """Minor page faults so far of the worker's engine process (STEP1X_ENGINE_PROCESS): memory
+        it faulted in, each page zeroed by the kernel. Linux (/proc)."""
+        pool = psutil.Process(self.workers[0].pid).children()[0]
+        # /proc/PID/stat: the 10th field, the 8th after the command name's closing parenthesis.
+        return sum(int(Path(f"/proc/{host.pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+                   for host in pool.children())
+
     def worker_rss(self) -> int:
         """Resident bytes of the worker: the main process and its pool child."""
         main = psutil.Process(self.workers[0].pid)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -43,6 +44,7 @@ from PIL import Image
 from sqlalchemy import delete, select
 
 from bench.stack import BenchStack
+from core import heap
 from core.db import session_scope
 from core.storage import Storage, output_key
 from core.tables import Batch, Calibration, Job
@@ -107,9 +109,10 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     from models.profiles import create_engine
 
     run_batch(client, tagged_items(16, "warm", **GENERATE))  # the worker loads the model
-    cpu_before = stack.cpu_seconds()
+    cpu_before, faults_before = stack.cpu_seconds(), stack.engine_page_faults()
     planned_id, planned_s = run_batch(client, tagged_items(n, "planned", **GENERATE))
     cpu = {name: spent - cpu_before[name] for name, spent in stack.cpu_seconds().items()}
+    engine_faults = stack.engine_page_faults() - faults_before
     with session_scope(stack.settings.database_url) as session:
         timings = list(session.scalars(select(Job.timings).where(Job.batch_id == planned_id)))
     # The jobs' own stage shares add up to the seconds their micro-batches spent in each stage.
@@ -122,7 +125,9 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     _, single_s = run_batch(client, tagged_items(few, "single", **GENERATE))
     with session_scope(stack.settings.database_url) as session:
         session.execute(delete(Calibration))
-    # The raw loop: the same engine, the same micro-batches, nothing else.
+    # The raw loop: the same engine, the same micro-batches, nothing else; its freed memory held
+    # as in the worker's engine process.
+    heap.hold_freed_memory()
     engine = create_engine("tiny-sd", stack.settings)
     spec = parse_item({**GENERATE, "model": "tiny-sd", "seed": 0})
     key, cost = plan(spec, stack.settings)
@@ -135,12 +140,13 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     for size in sorted({len(batch) for batch in batches} | {1}):
         for _ in range(2):
             engine.run(requests[:size])
-    started = time.perf_counter()
+    started, raw_faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     done = 0
     for batch in batches:
         engine.run(requests[done:done + len(batch)])
         done += len(batch)
     raw_s = time.perf_counter() - started
+    raw_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - raw_faults
     started = time.perf_counter()
     for request in requests[:few]:  # the engine's own gain from batching bounds the system's
         engine.run([request])
@@ -154,6 +160,9 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
             "worker_task_thread_cpu_vs_raw": cpu["task_thread"] / raw_s,
             "worker_other_threads_cpu_vs_raw": cpu["other_threads"] / raw_s,
             "engine_process_cpu_vs_raw": cpu["engine_process"] / raw_s,
+            # Memory faulted in per image, each page zeroed: near 0 with freed memory held
+            # (`core.heap.hold_freed_memory`, `python -m bench.malloc`).
+            "engine_page_faults_per_image": engine_faults / n, "raw_page_faults_per_image": raw_faults / n,
             "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s,
             # Where the planned run's wall time went: the engine's forward passes (and how much
             # slower than the raw loop's), the claims, and the rest (Celery's hand-over between

@@ -326,6 +326,7 @@ def serve(conn: Connection, settings: Settings) -> None:
     even while a large answer waits for the worker to read it. Either one failing ends the process,
     which the worker sees as its death, rather than leaving calls unanswered."""
     registry = Registry(settings)
+    heap.hold_freed_memory()  # a micro-batch's activations reuse the last one's memory
     if settings.freeze_heap:
         # Before any model loads: an evicted model's cycles must stay collectable (its `close`
         # collects them to give its GPU memory back).

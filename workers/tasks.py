@@ -74,6 +74,7 @@ def _freeze(**_: Any) -> None:
 @worker_process_init.connect
 def _warm(**_: Any) -> None:
     """Build the worker's state as the pool process starts, not when the first message comes."""
+    heap.hold_freed_memory()  # its forward passes (STEP1X_ENGINE_PROCESS=0), encodes and uploads
     if get_settings().freeze_heap:
         # What the fork brought is frozen; the state comes after, so what it replaces stays
         # collectable (a dead engine process's handle, caught up in its exception's traceback).
