@@ -81,7 +81,9 @@ class _Host:
         self._lock = threading.Lock()
         self._sending = threading.Lock()
         self._calls: dict[int, tuple[Future[Any], Progress | None]] = {}
-        self._dead: HostDied | None = None
+        # Why the host is gone, once it is: each caller then gets a HostDied of its own (one instance
+        # raised in several threads would gather all their tracebacks).
+        self._dead: str | None = None
         self.started = False  # whether it said it is ready: one that dies before failed to start
         # Steps are recorded on threads of their own: a progress callback writes to the database,
         # which must not hold up other calls' answers. A call's next step is dropped while its last
@@ -99,7 +101,7 @@ class _Host:
         future: Future[Any] = Future()
         with self._lock:
             if self._dead is not None:
-                raise self._dead
+                raise HostDied(self._dead)
             call_id = next(self._ids)
             self._calls[call_id] = (future, progress)
         try:
@@ -109,7 +111,7 @@ class _Host:
                 self._calls.pop(call_id, None)
             if isinstance(exc, OSError):
                 self._die(exc)
-                raise self._dead or HostDied(str(exc)) from exc
+                raise HostDied(self._dead or str(exc)) from exc
             raise
         return future
 
@@ -165,10 +167,10 @@ class _Host:
         with self._lock:
             if self._dead is not None:
                 return
-            self._dead = HostDied(f"the engine process exited ({exc or type(exc).__name__})")
+            self._dead = f"the engine process exited ({exc or type(exc).__name__})"
             calls, self._calls = list(self._calls.values()), {}
         for future, _ in calls:
-            future.set_exception(self._dead)
+            future.set_exception(HostDied(self._dead))
         self._steps.shutdown(wait=False)  # what waits there still runs: answers held behind a step
         with self._sending:  # not in the middle of a cancel sent from the steps thread
             self._conn.close()

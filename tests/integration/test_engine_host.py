@@ -16,7 +16,7 @@ from models.engine import Canceled, ImageRequest
 from models.profiles import Registry
 from tests.integration.helpers import api_client, mask_png, png, upload
 from workers.batch import Interrupted, MicroBatch
-from workers.engine_host import HostedRegistry
+from workers.engine_host import BULK, INTERACTIVE, HostDied, HostedRegistry
 from workers.pipeline import Pipeline
 
 pytestmark = pytest.mark.integration
@@ -173,6 +173,24 @@ def test_a_host_that_dies_mid_run_is_replaced_and_the_micro_batch_runs_again(set
     reference = Registry(settings).get("tiny-sd").run([request for job in jobs for request in job])
     made = [result for job in again.results for result in job]
     assert [np.asarray(r.image).tolist() for r in made] == [np.asarray(r.image).tolist() for r in reference]
+
+
+def test_every_caller_of_a_dead_host_gets_an_exception_of_its_own(settings, hosted):
+    """One HostDied raised in several threads would gather all their tracebacks."""
+    hosted.get("tiny-sd")
+    host = hosted.host()
+    waiting = [host.call("run", BULK, "tiny-sd", [generate(1, steps=200, seed=seed)], settings.progress_interval)
+               for seed in (0, 1)]
+    host.process.kill()
+    errors = []
+    for future in waiting:
+        with pytest.raises(HostDied, match="the engine process exited") as caught:
+            future.result(timeout=60)
+        errors.append(caught.value)
+    with pytest.raises(HostDied, match="the engine process exited") as later:
+        host.call("status", INTERACTIVE)
+    errors.append(later.value)
+    assert len({id(error) for error in errors}) == 3
 
 
 def test_an_interactive_micro_batch_is_stored_as_soon_as_its_forward_pass_ends(settings, hosted):
