@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select
 
 from api.app import create_app
+from api.dashboard.views import SHEET
 from core import webhooks
 from core.db import session_scope
 from core.keys import create_key
@@ -114,11 +115,10 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         # Paused: submissions are accepted and wait, so the overview's numbers hold still to compare.
         with session_scope(settings.database_url) as session:
             pause(session, "model", "tiny-sd", "ops")
-        # Three micro-batches of 16 with steps enough to run for seconds each. The bar shows 16 only
-        # from the first store's end (cold: the first S3 client and statements, overlapping the
-        # second forward pass) to the second pass's end, about one live tick; it shows 32 for the
-        # whole third pass.
-        size = 48
+        # Six micro-batches of 16 at the most steps a job may ask for. One pass takes about a second
+        # on a 2-core CPU, about one live tick: with three passes the bar could show both of its steps
+        # between two ticks and go from 0 to done. With six it shows 16 to 80 for about five ticks.
+        size = 96
         items = [{"custom_id": f"sku-{i}", "kind": "generate", "prompt": f"p{i}", "width": 64, "height": 64,
                   "steps": 150, "seed": i} for i in range(size)]
         batch_id = acme.post("/v1/batches", json={"items": items}).json()["id"]
@@ -151,7 +151,7 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         # than a thumbnail, so they are shown as they are (larger ones get a WebP thumbnail).
         page.goto(f"/dashboard/batches/{batch_id}")
         thumbs = page.locator(".sheet img")
-        assert thumbs.count() == size
+        assert thumbs.count() == SHEET  # the first 48 of 96
         first = thumbs.first.get_attribute("src") or ""
         assert "/outputs/acme/" in first and ".png" in first
         assert httpx.get(first).headers["content-type"] == "image/png"
