@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 
 from api.app import create_app
 from api.dashboard.views import SHEET
-from core import webhooks
+from core import dispatch, webhooks
 from core.db import session_scope
 from core.keys import create_key
 from core.pauses import pause, resume
@@ -217,7 +217,11 @@ def test_operator_watches_a_batch_run_retries_and_cancels(api_server, browser, s
         assert "finishes nothing in hand now, then takes nothing more" in page.locator(".touches").inner_text()
         page.click("button:has-text('Confirm')")
         assert "draining" in page.locator(".notice").inner_text()
-        time.sleep(0.5)  # the broadcast reaches the worker
+        deadline = time.monotonic() + 30
+        inspect = dispatch.app_for(settings).control.inspect(destination=[name], timeout=1)
+        while (queues := inspect.active_queues()) != {name: []}:  # the broadcast has reached the worker
+            assert time.monotonic() < deadline, f"worker {name} still consumes {queues}"
+            time.sleep(0.2)
         later = acme.post("/v1/batches", json={"items": items[:1]}).json()["id"]
         time.sleep(2)
         assert acme.get(f"/v1/batches/{later}").json()["status"] == "queued"

@@ -35,9 +35,11 @@ from tests.fault.conftest import (
 pytestmark = [pytest.mark.e2e, pytest.mark.fault]
 
 
-def slow_batch_running(stack, prefix: str, count: int = 4, steps: int = 150) -> tuple[dict, set[str]]:
+def slow_batch_running(stack, prefix: str, count: int = 16, steps: int = 150) -> tuple[dict, set[str]]:
     """A batch of slower generations, returned once the worker is in its forward pass (progress
-    recorded, not finished), with the ids in its hands."""
+    recorded, not finished), with the ids in its hands. A full micro-batch at the most steps: its
+    pass lasts about 2 s on one torch thread, time for a fault to land in it (four images lasted about
+    half a second in all)."""
     batch = stack.client.create_batch(generation(count, steps, prefix))
 
     def in_pass() -> bool:

@@ -112,7 +112,14 @@ def test_the_heartbeat_records_the_worker_and_its_shutdown(settings, engine_proc
         assert engines.status() is not None  # waits for the engine process to be up
     presence.start()
     held = presence.hold(["job_a", "job_b"], "lanczos-x4")
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while True:  # a beat (every 0.1 s) that has seen the hold
+        with session_scope(settings.database_url) as session:
+            row = session.get(WorkerRow, "cpu@test")
+            if row is not None and row.current is not None:
+                break
+        assert time.monotonic() < deadline, "no beat recorded the micro-batch in hand"
+        time.sleep(0.05)
     with session_scope(settings.database_url) as session:
         row = session.get(WorkerRow, "cpu@test")
         assert (row.device, row.queues, row.profiles) == ("cpu", ["interactive", "bulk"], ["lanczos-x4"])
@@ -168,7 +175,7 @@ def outputs_in_bucket(settings):
 
 def test_cancel_stops_a_running_batch_at_the_next_step_and_uploads_nothing(settings):
     client = api_client(settings)
-    batch_id = slow_generation(settings, client, 8)
+    batch_id = slow_generation(settings, client, 16)  # a full micro-batch: about 1 s warm on 2 cores
     ids = job_ids(settings, batch_id)
     thread, outcomes = run_in_thread(settings, ids)
     progress = wait_progress(settings, ids[0])
@@ -176,12 +183,12 @@ def test_cancel_stops_a_running_batch_at_the_next_step_and_uploads_nothing(setti
     assert client.get(f"/v1/jobs/{ids[0]}").json()["progress"] == pytest.approx(job(settings, ids[0]).progress)
     # The batch's progress moves within its running jobs, before any of them ends.
     batch = client.get(f"/v1/batches/{batch_id}").json()
-    assert batch["counts"]["running"] == 8 and 0 < batch["progress"] < 1
+    assert batch["counts"]["running"] == 16 and 0 < batch["progress"] < 1
     assert client.post(f"/v1/batches/{batch_id}/cancel").status_code == 200
     thread.join(60)
     assert not thread.is_alive(), "the run did not stop after its cancel"
     # Every outcome canceled means the engine stopped mid-run (a finished run would have images).
-    assert [o.status for o in outcomes] == ["canceled"] * 8
+    assert [o.status for o in outcomes] == ["canceled"] * 16
     assert outputs_in_bucket(settings) == []
     out = client.get(f"/v1/jobs/{ids[0]}").json()
     assert (out["status"], out["error_code"], out["retryable"], out["outputs"]) == ("canceled", "canceled", False, [])
