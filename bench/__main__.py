@@ -6,7 +6,8 @@ written instead). Full runs add the engine-level comparisons of `bench.models`, 
 delivery (`bench.webhooks`), the input lookahead (`bench.prefetch`), the job cap (`bench.jobcap`),
 PNG compression levels (`bench.encode`), freed memory held or not (`bench.malloc`),
 where the forward pass slows down in the system (`bench.interference`), the API's thread-pool
-hops (`bench.hops`) and traced engines (`bench.tracing`).
+hops (`bench.hops`), traced engines (`bench.tracing`) and torch's CPU threads beside a busy
+process (`bench.threads`).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ def main() -> None:
                                   indent=2) + "\n")
     console.print(f"written to {results}")
     if not args.quick:
-        from bench import encode, hops, interference, jobcap, malloc, prefetch, tracing, webhooks
+        from bench import encode, hops, interference, jobcap, malloc, prefetch, threads, tracing, webhooks
 
         webhooks.main()
         hops.main()
@@ -140,6 +141,7 @@ def main() -> None:
         malloc.main()
         interference.main()
         tracing.main()
+        threads.main()  # last: it changes this process's torch threads
 
 
 if __name__ == "__main__":

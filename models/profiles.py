@@ -13,6 +13,7 @@ from importlib import metadata
 from core.errors import ConfigError
 from core.settings import Settings
 from models.caches import LRUCache, PromptEmbeddingCache
+from models.device import limit_cpu_threads
 from models.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,7 @@ class Registry:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        limit_cpu_threads(settings.cpu_threads)  # the process that keeps engines runs them
         self._engines: LRUCache[str, Engine] = LRUCache(settings.pipeline_cache_size)
         # One prompt cache for all the worker's pipelines, bounded once.
         self.prompt_cache = PromptEmbeddingCache(settings.prompt_cache_size)

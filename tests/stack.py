@@ -36,9 +36,7 @@ class Stack:
         self.logs = folder / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.env = {**{k: v for k, v in os.environ.items() if k.startswith("STEP1X_")},
-                    **{f"STEP1X_{k}": v for k, v in {**FAST, **overrides}.items()},
-                    # One torch thread: on two busy cores a second one spin-waits and slows every step.
-                    "OMP_NUM_THREADS": "1"}
+                    **{f"STEP1X_{k}": v for k, v in {**FAST, **overrides}.items()}}
         self.port = free_port()
         self.api: subprocess.Popen[Any] | None = None
         self.worker: subprocess.Popen[Any] | None = None

@@ -3,6 +3,7 @@ outputs and outcomes as in the worker process, the task thread free while the fo
 interactive work first, cancels, and a host that dies replaced without losing the micro-batch.
 Real PostgreSQL, Redis and SeaweedFS; real tiny-SD forward passes in a real child process."""
 
+import os
 import threading
 
 import numpy as np
@@ -237,3 +238,18 @@ def test_an_engine_process_that_cannot_start_hands_the_jobs_back_uncharged(setti
     with pytest.raises(Interrupted):
         MicroBatch(settings, Storage(settings), hosted.get, worker="test@host").start(ids)
     assert {(job.status, job.attempts) for job in finished(settings, ids).values()} == {("queued", 0)}
+
+
+def test_the_engine_process_runs_torch_on_the_cpu_threads_asked_for(settings, monkeypatch):
+    """STEP1X_CPU_THREADS: a forward pass on two threads leaves torch's CPU thread pools larger in
+    the engine process than on one (the default); every other thread of the process is the same."""
+    counts = {}
+    for threads in (1, 2):
+        monkeypatch.setenv("STEP1X_CPU_THREADS", str(threads))  # the engine process reads its environment
+        hosted = HostedRegistry(settings)
+        try:
+            hosted.get("tiny-sd").submit([generate(2)], lambda done, total: True, interactive=False).result()
+            counts[threads] = len(os.listdir(f"/proc/{hosted.host().process.pid}/task"))
+        finally:
+            hosted.close()
+    assert counts[2] > counts[1], counts
