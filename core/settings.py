@@ -160,8 +160,9 @@ class Settings(BaseSettings):
     # and prepares the next micro-batch while it runs. Off: in the task thread.
     engine_process: bool = True
     # torch's CPU threads in each process that runs engines (`models.device.limit_cpu_threads`).
-    # Unset: as OMP_NUM_THREADS says, else one fewer than the cores, so the worker's storing threads
-    # and the services beside it do not take a core a forward pass waits on at every step.
+    # Unset: as OMP_NUM_THREADS says, else one fewer than the cores the process may use (affinity,
+    # a container's CPU quota), so the worker's storing threads and the services beside it do not
+    # take a core a forward pass waits on at every step.
     cpu_threads: int | None = Field(None, ge=1)
     # Leave what the worker's processes import at start (torch, SQLAlchemy, Celery) out of the
     # garbage collector's full collections (`core.heap`); models load later and stay collectable.

@@ -1,4 +1,4 @@
-"""Which device and number format a model profile runs with.
+"""Which device and number format a model profile runs with, and on how many CPU threads torch runs.
 
 Profiles say "auto" by default: the first GPU in fp16 when there is one, else the CPU in fp32. On
 the CPU fp16 is refused rather than quietly replaced: many CPU kernels lack it and the rest are
@@ -7,13 +7,16 @@ slow, so a profile asking for it was written for a GPU and should say what it wa
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from pathlib import Path
 
 import torch
 
 from core.errors import ConfigError
 
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -29,9 +32,22 @@ def limit_cpu_threads(threads: int | None) -> int:
     if threads is None:
         if "OMP_NUM_THREADS" in os.environ:
             return torch.get_num_threads()
-        threads = max(1, len(os.sched_getaffinity(0)) - 1)
+        threads = max(1, _usable_cores() - 1)
     torch.set_num_threads(threads)
     return threads
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on: its affinity (a cpuset, taskset) where the OS has one,
+    capped by its cgroup's CPU quota (a container's CPU limit, which the affinity does not show)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):  # no cgroup v2 here, or not a quota
+        pass
+    return cores
 
 
 def resolve_device(name: str) -> torch.device:

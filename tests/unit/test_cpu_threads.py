@@ -49,3 +49,17 @@ def test_zero_threads_is_refused_at_start() -> None:
 
     with pytest.raises(ValidationError, match="cpu_threads"):
         Settings(cpu_threads=0)
+
+
+@pytest.mark.parametrize(("cpu_max", "cores"), [("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", 8),
+                                                (None, 8), ("", 8)])
+def test_a_containers_cpu_quota_caps_the_cores(tmp_path, monkeypatch, cpu_max, cores) -> None:
+    """Eight cores in the affinity; the cgroup's quota, where it sets one, rounded up."""
+    from models import device
+
+    path = tmp_path / "cpu.max"
+    if cpu_max is not None:
+        path.write_text(cpu_max)
+    monkeypatch.setattr(device, "CGROUP_CPU_MAX", path)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(8)), raising=False)
+    assert device._usable_cores() == cores
