@@ -36,7 +36,7 @@ def main() -> dict[str, Any]:
     from models.tiny import build_tiny
 
     cores = os.cpu_count() or 1
-    counts = sorted({1, cores})  # STEP1X_CPU_THREADS=0 leaves torch's default, one per core
+    counts = sorted({1, cores})  # one, and torch's own default: one per core
     runs: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         build_tiny(Path(tmp) / "models" / "tiny")

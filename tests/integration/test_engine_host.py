@@ -242,7 +242,7 @@ def test_an_engine_process_that_cannot_start_hands_the_jobs_back_uncharged(setti
 
 def test_the_engine_process_runs_torch_on_the_cpu_threads_asked_for(settings, monkeypatch):
     """STEP1X_CPU_THREADS: a forward pass on two threads leaves torch's CPU thread pools larger in
-    the engine process than on one (the default); every other thread of the process is the same."""
+    the engine process than on one (the default on two cores); every other thread is the same."""
     counts = {}
     for threads in (1, 2):
         monkeypatch.setenv("STEP1X_CPU_THREADS", str(threads))  # the engine process reads its environment
