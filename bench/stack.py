@@ -134,24 +134,29 @@ class BenchStack:
 
     def cpu_seconds(self) -> dict[str, float]:
         """CPU seconds so far: the worker pool process's task thread (forward passes, claims), its
-        other threads (storing, uploads, heartbeats), and every other process on the machine
-        (PostgreSQL, SeaweedFS, Redis, the API, Celery's main process, this bench)."""
+        other threads (storing, uploads, heartbeats), its engine process, and every other process on
+        the machine (`other_processes`), which are split into PostgreSQL, SeaweedFS, Redis, the API,
+        this bench and the rest (Celery's main process, the kernel's threads)."""
         pool = psutil.Process(self.workers[0].pid).children()[0]
         # The task runs on the pool process's main thread, whose thread id is the process id.
         threads = {t.id: t.user_time + t.system_time for t in pool.threads()}
         task = threads.pop(pool.pid)
         hosts = {child.pid for child in pool.children()}  # the engine process (STEP1X_ENGINE_PROCESS)
-        engine = machine = 0.0
+        groups = {os.getpid(): "bench"}
+        for name, root in (("postgres", self.postgres.process.pid), ("s3", self.s3.process.pid),
+                           ("redis", self.redis.process.pid), ("api", self.api.pid if self.api else None)):
+            with suppress(psutil.Error, TypeError):
+                process = psutil.Process(root)
+                groups |= {p.pid: name for p in (process, *process.children(recursive=True))}
+        spent = dict.fromkeys(("engine_process", "postgres", "s3", "redis", "api", "bench", "rest"), 0.0)
         for process in psutil.process_iter():
             with suppress(psutil.Error):
                 if process.pid != pool.pid:
                     times = process.cpu_times()
-                    if process.pid in hosts:
-                        engine += times.user + times.system
-                    else:
-                        machine += times.user + times.system
-        return {"task_thread": task, "other_threads": sum(threads.values()), "engine_process": engine,
-                "other_processes": machine}
+                    group = "engine_process" if process.pid in hosts else groups.get(process.pid, "rest")
+                    spent[group] += times.user + times.system
+        machine = sum(seconds for group, seconds in spent.items() if group != "engine_process")
+        return {"task_thread": task, "other_threads": sum(threads.values()), "other_processes": machine, **spent}
 
     def engine_page_faults(self) -> int:
         """Minor page faults so far of the worker's engine process (STEP1X_ENGINE_PROCESS): memory

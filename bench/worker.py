@@ -1,14 +1,14 @@
 """The worker's throughput on the whole system, each figure against its bare baseline in the same run.
 
 - engine_bound_ratio: images/s of tiny-sd jobs through API, Redis, worker, S3 and PostgreSQL ÷ a raw
-  loop calling the same engine on the same micro-batches in this process; the median of
-  ENGINE_ROUNDS rounds of the two, one after another.
+  loop calling the same engine on the same micro-batches in this process.
 - batching_gain: the same jobs planned into micro-batches ÷ micro-batches of one (forced by a
   calibration row, the planner's own input); raw_batching_gain: the same for the raw loop, which
   bounds it.
 - worker_task_thread_cpu_vs_raw, worker_other_threads_cpu_vs_raw, other_processes_cpu_vs_raw: CPU
   seconds spent during the planned run by the worker pool process's task thread, by its other threads
-  (storing, uploads, heartbeats) and by every other process, each ÷ the raw loop's seconds.
+  (storing, uploads, heartbeats) and by every other process, each ÷ the raw loop's seconds; the last
+  split into s3_, postgres_, api_, redis_, bench_ and rest_cpu_vs_raw.
 - system_engine_s_vs_raw, engine_share_of_wall, claim_share_of_wall: from the jobs' recorded stage
   timings, the seconds the worker's forward passes took ÷ the raw loop's, and the planned run's
   wall time spent in forward passes and in claims.
@@ -54,7 +54,6 @@ from workers.launcher import QUIET
 
 # cache off: every figure must run the engine, not copy an identical earlier output (same prompt and seed)
 ROUNDS = 3  # of the near no-op figures within each repeat
-ENGINE_ROUNDS = 2  # of the planned run and the raw loop within each repeat
 GENERATE = {"kind": "generate", "prompt": "a product photo", "width": 64, "height": 64, "steps": 10, "cache": False}
 
 
@@ -106,22 +105,36 @@ def generate_requests(n: int) -> list[Any]:
             for i in range(n)]
 
 
-def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
-    """ENGINE_ROUNDS rounds of the planned run through the system and the raw loop on the same
-    micro-batches, one after another, after both are warm; the ratio is the median of the rounds'
-    ratios. A run of 256 images lasts about a second and a half, in which one slow moment of the
-    shared machine moves either side by a tenth; the rounds' neighbours share what it was doing."""
-    from core.dispatch import Planned, cut, plan
+def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int, few: int) -> dict[str, float]:
+    """`n` images planned into micro-batches, `few` in micro-batches of one (gains are ratios of
+    rates, so the slow single-image runs take fewer)."""
+    from core.dispatch import cut, plan
     from core.specs import parse_item
     from models.profiles import create_engine
 
     run_batch(client, tagged_items(16, "warm", **GENERATE))  # the worker loads the model
+    cpu_before, faults_before = stack.cpu_seconds(), stack.engine_page_faults()
+    planned_id, planned_s = run_batch(client, tagged_items(n, "planned", **GENERATE))
+    cpu = {name: spent - cpu_before[name] for name, spent in stack.cpu_seconds().items()}
+    engine_faults = stack.engine_page_faults() - faults_before
+    with session_scope(stack.settings.database_url) as session:
+        timings = list(session.scalars(select(Job.timings).where(Job.batch_id == planned_id)))
+    # The jobs' own stage shares add up to the seconds their micro-batches spent in each stage.
+    engine_s, claim_s = (sum((t or {}).get(stage, 0.0) for t in timings) for stage in ("run", "claim"))
+    with session_scope(stack.settings.database_url) as session:
+        session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
+                                images_per_s=0.0, trials=[], worker="bench"))
+    _, single_s = run_batch(client, tagged_items(few, "single", **GENERATE))
+    with session_scope(stack.settings.database_url) as session:
+        session.execute(delete(Calibration))
     # The raw loop: the same engine, the same micro-batches, nothing else; its freed memory held
     # as in the worker's engine process.
     heap.hold_freed_memory()
     engine = create_engine("tiny-sd", stack.settings)
     spec = parse_item({**GENERATE, "model": "tiny-sd", "seed": 0})
     key, cost = plan(spec, stack.settings)
+    from core.dispatch import Planned
+
     batches = cut([Planned(str(i), key, cost, "bulk") for i in range(n)], stack.settings)
     requests = generate_requests(n)
     # Warm like the worker, which has run the warm-up batch: every micro-batch size, twice (a trace
@@ -129,50 +142,20 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
     for size in sorted({len(batch) for batch in batches} | {1}):
         for _ in range(2):
             engine.run(requests[:size])
-
-    def raw_loop() -> tuple[float, int]:
-        started, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        done = 0
-        for batch in batches:
-            engine.run(requests[done:done + len(batch)])
-            done += len(batch)
-        return time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-
-    ratios: list[float] = []
-    planned_s = raw_s = engine_s = claim_s = 0.0
-    raw_faults = engine_faults = 0
-    cpu: dict[str, float] = {}
-    for round_ in range(ENGINE_ROUNDS):
-        cpu_before, faults_before = stack.cpu_seconds(), stack.engine_page_faults()
-        planned_id, seconds = run_batch(client, tagged_items(n, f"planned{round_}", **GENERATE))
-        for name, spent in stack.cpu_seconds().items():
-            cpu[name] = cpu.get(name, 0.0) + spent - cpu_before[name]
-        engine_faults += stack.engine_page_faults() - faults_before
-        with session_scope(stack.settings.database_url) as session:
-            timings = list(session.scalars(select(Job.timings).where(Job.batch_id == planned_id)))
-        # The jobs' own stage shares add up to the seconds their micro-batches spent in each stage.
-        engine_s += sum((t or {}).get("run", 0.0) for t in timings)
-        claim_s += sum((t or {}).get("claim", 0.0) for t in timings)
-        raw_seconds, faults = raw_loop()
-        ratios.append(raw_seconds / seconds)
-        planned_s, raw_s, raw_faults = planned_s + seconds, raw_s + raw_seconds, raw_faults + faults
-    with session_scope(stack.settings.database_url) as session:
-        session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
-                                images_per_s=0.0, trials=[], worker="bench"))
-    # Gains are ratios of rates, so the slow single-image runs take a quarter of the images.
-    few = n // 4
-    _, single_s = run_batch(client, tagged_items(few, "single", **GENERATE))
-    with session_scope(stack.settings.database_url) as session:
-        session.execute(delete(Calibration))
+    started, raw_faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    done = 0
+    for batch in batches:
+        engine.run(requests[done:done + len(batch)])
+        done += len(batch)
+    raw_s = time.perf_counter() - started
+    raw_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - raw_faults
     started = time.perf_counter()
     for request in requests[:few]:  # the engine's own gain from batching bounds the system's
         engine.run([request])
     raw_single_s = time.perf_counter() - started
-    images = n * ENGINE_ROUNDS
-    return {"engine_bound_ratio": statistics.median(ratios),
-            "batching_gain": (images / planned_s) / (few / single_s),
-            "raw_batching_gain": (images / raw_s) / (few / raw_single_s),
-            "system_images_per_s": images / planned_s, "raw_engine_images_per_s": images / raw_s,
+    return {"engine_bound_ratio": raw_s / planned_s, "batching_gain": (n / planned_s) / (few / single_s),
+            "raw_batching_gain": (n / raw_s) / (few / raw_single_s),
+            "system_images_per_s": n / planned_s, "raw_engine_images_per_s": n / raw_s,
             # Where the system's CPU went, in seconds per second of the raw loop: a task thread well
             # above 1 spent more CPU than the raw loop on the same forward passes (its claims and
             # hand-overs are a few hundredths).
@@ -181,9 +164,12 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int) -> dict
             "engine_process_cpu_vs_raw": cpu["engine_process"] / raw_s,
             # Memory faulted in per image, each page zeroed: near 0 with freed memory held
             # (`core.heap.hold_freed_memory`, `python -m bench.malloc`).
-            "engine_page_faults_per_image": engine_faults / images, "raw_page_faults_per_image": raw_faults / images,
+            "engine_page_faults_per_image": engine_faults / n, "raw_page_faults_per_image": raw_faults / n,
             "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s,
-            # Where the planned runs' wall time went: the engine's forward passes (and how much
+            # ... split: the storage service, the database, the API, Redis, this bench, the rest.
+            **{f"{group}_cpu_vs_raw": cpu[group] / raw_s
+               for group in ("s3", "postgres", "api", "redis", "bench", "rest")},
+            # Where the planned run's wall time went: the engine's forward passes (and how much
             # slower than the raw loop's), the claims, and the rest (Celery's hand-over between
             # messages, submission, the last micro-batch's store).
             "system_engine_s_vs_raw": engine_s / raw_s,
@@ -342,7 +328,9 @@ def run(stack: BenchStack, quick: bool) -> dict[str, float]:
     stack.start_worker()
     try:
         with stack.client() as client:
-            figures = engine_and_batching(stack, client, 256 if quick else 512)
+            # The run's start (submission, the first claim) and end (the last micro-batch's store)
+            # are fixed costs, 3% of a run of 256 images: a catalog run is thousands.
+            figures = engine_and_batching(stack, client, 512 if quick else 1024, 64 if quick else 128)
             # Jobs/s of a stream of micro-batches (at most 256 jobs each), not the latency of one:
             # 1,000 near no-op jobs are four, whose stages overlap as a catalog's do.
             figures |= uploads_and_orchestration(stack, client, 1000 if quick else 2000)
