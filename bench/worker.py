@@ -1,7 +1,8 @@
 """The worker's throughput on the whole system, each figure against its bare baseline in the same run.
 
 - engine_bound_ratio: images/s of tiny-sd jobs through API, Redis, worker, S3 and PostgreSQL ÷ a raw
-  loop calling the same engine on the same micro-batches in this process.
+  loop calling the same engine on the same micro-batches in this process; ENGINE_ROUNDS rounds of
+  the two, every other round in the mirror order.
 - batching_gain: the same jobs planned into micro-batches ÷ micro-batches of one (forced by a
   calibration row, the planner's own input); raw_batching_gain: the same for the raw loop, which
   bounds it.
@@ -18,8 +19,9 @@
   (`Storage.put_many`, STEP1X_UPLOAD_CONCURRENCY at once), the ceiling of storing alone.
 - orchestration_vs_bare_celery: the same near no-op jobs/s ÷ a bare Celery no-op task loop (one
   message per task, same Redis, same worker options). Both near no-op figures: the median of ROUNDS
-  rounds of system, PUT loop and Celery loop, run one after another, each round 1,000 jobs (2,000
-  in a full run): several micro-batches, whose stages overlap, not the latency of one.
+  rounds of system, Celery loop and PUT loops, run one after another (every other round in the
+  mirror order), each round 1,000 jobs (2,000 in a full run): several micro-batches, whose stages
+  overlap, not the latency of one.
 - interactive_start_p95: seconds from submit to start (claim) of single jobs behind a bulk backlog,
   the same in micro-batch durations (forward passes), and against the allowance of one
   micro-batch + 100 ms (target <= 1); interactive_finish_p95: the same to their finish.
@@ -54,6 +56,7 @@ from workers.launcher import QUIET
 
 # cache off: every figure must run the engine, not copy an identical earlier output (same prompt and seed)
 ROUNDS = 3  # of the near no-op figures within each repeat
+ENGINE_ROUNDS = 2  # of the planned run and the raw loop within each repeat, in mirror order
 GENERATE = {"kind": "generate", "prompt": "a product photo", "width": 64, "height": 64, "steps": 10, "cache": False}
 
 
@@ -106,35 +109,22 @@ def generate_requests(n: int) -> list[Any]:
 
 
 def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int, few: int) -> dict[str, float]:
-    """`n` images planned into micro-batches, `few` in micro-batches of one (gains are ratios of
-    rates, so the slow single-image runs take fewer)."""
-    from core.dispatch import cut, plan
+    """ENGINE_ROUNDS rounds of `n` images planned into micro-batches, through the system and through
+    the raw loop, after both are warm, each round in the mirror order of the one before (system then
+    raw loop, raw loop then system), so the machine's drift weighs on both sides alike; the ratio
+    is of their total seconds. Then `few` images in micro-batches of one each way (gains are
+    ratios of rates, so the slow single-image runs take fewer)."""
+    from core.dispatch import Planned, cut, plan
     from core.specs import parse_item
     from models.profiles import create_engine
 
     run_batch(client, tagged_items(16, "warm", **GENERATE))  # the worker loads the model
-    cpu_before, faults_before = stack.cpu_seconds(), stack.engine_page_faults()
-    planned_id, planned_s = run_batch(client, tagged_items(n, "planned", **GENERATE))
-    cpu = {name: spent - cpu_before[name] for name, spent in stack.cpu_seconds().items()}
-    engine_faults = stack.engine_page_faults() - faults_before
-    with session_scope(stack.settings.database_url) as session:
-        timings = list(session.scalars(select(Job.timings).where(Job.batch_id == planned_id)))
-    # The jobs' own stage shares add up to the seconds their micro-batches spent in each stage.
-    engine_s, claim_s = (sum((t or {}).get(stage, 0.0) for t in timings) for stage in ("run", "claim"))
-    with session_scope(stack.settings.database_url) as session:
-        session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
-                                images_per_s=0.0, trials=[], worker="bench"))
-    _, single_s = run_batch(client, tagged_items(few, "single", **GENERATE))
-    with session_scope(stack.settings.database_url) as session:
-        session.execute(delete(Calibration))
     # The raw loop: the same engine, the same micro-batches, nothing else; its freed memory held
     # as in the worker's engine process.
     heap.hold_freed_memory()
     engine = create_engine("tiny-sd", stack.settings)
     spec = parse_item({**GENERATE, "model": "tiny-sd", "seed": 0})
     key, cost = plan(spec, stack.settings)
-    from core.dispatch import Planned
-
     batches = cut([Planned(str(i), key, cost, "bulk") for i in range(n)], stack.settings)
     requests = generate_requests(n)
     # Warm like the worker, which has run the warm-up batch: every micro-batch size, twice (a trace
@@ -142,20 +132,53 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int, few: in
     for size in sorted({len(batch) for batch in batches} | {1}):
         for _ in range(2):
             engine.run(requests[:size])
-    started, raw_faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    done = 0
-    for batch in batches:
-        engine.run(requests[done:done + len(batch)])
-        done += len(batch)
-    raw_s = time.perf_counter() - started
-    raw_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - raw_faults
+
+    planned_s = raw_s = engine_s = claim_s = 0.0
+    raw_faults = engine_faults = 0
+    cpu: dict[str, float] = {}
+
+    def system(round_: int) -> None:
+        nonlocal planned_s, engine_s, claim_s, engine_faults
+        cpu_before, faults_before = stack.cpu_seconds(), stack.engine_page_faults()
+        planned_id, seconds = run_batch(client, tagged_items(n, f"planned{round_}", **GENERATE))
+        planned_s += seconds
+        for name, spent in stack.cpu_seconds().items():
+            cpu[name] = cpu.get(name, 0.0) + spent - cpu_before[name]
+        engine_faults += stack.engine_page_faults() - faults_before
+        with session_scope(stack.settings.database_url) as session:
+            timings = list(session.scalars(select(Job.timings).where(Job.batch_id == planned_id)))
+        # The jobs' own stage shares add up to the seconds their micro-batches spent in each stage.
+        engine_s += sum((t or {}).get("run", 0.0) for t in timings)
+        claim_s += sum((t or {}).get("claim", 0.0) for t in timings)
+
+    def raw(_: int) -> None:
+        nonlocal raw_s, raw_faults
+        started, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        done = 0
+        for batch in batches:
+            engine.run(requests[done:done + len(batch)])
+            done += len(batch)
+        raw_s += time.perf_counter() - started
+        raw_faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+
+    for round_ in range(ENGINE_ROUNDS):
+        for side in (system, raw) if round_ % 2 == 0 else (raw, system):
+            side(round_)
+    with session_scope(stack.settings.database_url) as session:
+        session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
+                                images_per_s=0.0, trials=[], worker="bench"))
+    _, single_s = run_batch(client, tagged_items(few, "single", **GENERATE))
+    with session_scope(stack.settings.database_url) as session:
+        session.execute(delete(Calibration))
     started = time.perf_counter()
     for request in requests[:few]:  # the engine's own gain from batching bounds the system's
         engine.run([request])
     raw_single_s = time.perf_counter() - started
-    return {"engine_bound_ratio": raw_s / planned_s, "batching_gain": (n / planned_s) / (few / single_s),
-            "raw_batching_gain": (n / raw_s) / (few / raw_single_s),
-            "system_images_per_s": n / planned_s, "raw_engine_images_per_s": n / raw_s,
+    images = n * ENGINE_ROUNDS
+    return {"engine_bound_ratio": raw_s / planned_s,
+            "batching_gain": (images / planned_s) / (few / single_s),
+            "raw_batching_gain": (images / raw_s) / (few / raw_single_s),
+            "system_images_per_s": images / planned_s, "raw_engine_images_per_s": images / raw_s,
             # Where the system's CPU went, in seconds per second of the raw loop: a task thread well
             # above 1 spent more CPU than the raw loop on the same forward passes (its claims and
             # hand-overs are a few hundredths).
@@ -164,12 +187,12 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int, few: in
             "engine_process_cpu_vs_raw": cpu["engine_process"] / raw_s,
             # Memory faulted in per image, each page zeroed: near 0 with freed memory held
             # (`core.heap.hold_freed_memory`, `python -m bench.malloc`).
-            "engine_page_faults_per_image": engine_faults / n, "raw_page_faults_per_image": raw_faults / n,
+            "engine_page_faults_per_image": engine_faults / images, "raw_page_faults_per_image": raw_faults / images,
             "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s,
             # ... split: the storage service, the database, the API, Redis, this bench, the rest.
             **{f"{group}_cpu_vs_raw": cpu[group] / raw_s
                for group in ("s3", "postgres", "api", "redis", "bench", "rest")},
-            # Where the planned run's wall time went: the engine's forward passes (and how much
+            # Where the planned runs' wall time went: the engine's forward passes (and how much
             # slower than the raw loop's), the claims, and the rest (Celery's hand-over between
             # messages, submission, the last micro-batch's store).
             "system_engine_s_vs_raw": engine_s / raw_s,
@@ -178,7 +201,7 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int, few: in
 
 
 def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -> dict[str, float]:
-    """ROUNDS rounds of the system, the bare PUT loop and the bare Celery loop, one after another; each
+    """ROUNDS rounds of the system, the bare Celery loop and the bare PUT loops, one after another; each
     ratio is the median of its rounds' ratios. One round of 1,000 jobs lasts under a second, in
     which one slow moment of the shared machine (or a pause of the collector) moves a figure by a
     tenth; the rounds' neighbours share what the machine was doing."""
@@ -187,20 +210,31 @@ def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -
     run_batch(client, tagged_items(16, "warm-up", **spec))
     storage = Storage(stack.settings)
     data = noise_png(32)
-    rounds: dict[str, list[float]] = {"system": [], "put": [], "put_many": [], "celery": []}
+    rounds: dict[str, list[float]] = {"system": [], "celery": [], "put": [], "put_many": []}
     run_id = uuid.uuid4().hex[:8]  # the repeats share one stack: each PUT a new object
     with bare_celery(stack) as celery_loop:
-        for round_ in range(ROUNDS):
-            rounds["system"].append(run_batch(client, tagged_items(n, f"noop{round_}", **spec))[1])
+        def jobs(round_: int) -> float:
+            return run_batch(client, tagged_items(n, f"noop{round_}", **spec))[1]
+
+        def put(round_: int) -> float:
             started = time.perf_counter()
             for i in range(n):
                 storage.put(output_key("bench", "bare", f"{run_id}-{round_}-{i}"), data, "image/png")
-            rounds["put"].append(time.perf_counter() - started)
+            return time.perf_counter() - started
+
+        def put_many(round_: int) -> float:
             started = time.perf_counter()
             storage.put_many((output_key("bench", "many", f"{run_id}-{round_}-{i}"), data, "image/png")
                              for i in range(n))
-            rounds["put_many"].append(time.perf_counter() - started)
-            rounds["celery"].append(celery_loop(n))
+            return time.perf_counter() - started
+
+        sides = {"system": jobs, "celery": lambda _: celery_loop(n), "put": put, "put_many": put_many}
+        for round_ in range(ROUNDS):
+            # The system next to the Celery loop, then the PUT loops; every other round in the
+            # mirror order, so the machine's drift weighs on both sides of each ratio alike.
+            order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
+            for name in order:
+                rounds[name].append(sides[name](round_))
     system = rounds["system"]
     median = statistics.median
     return {"upload_bound_ratio": median(put / s for put, s in zip(rounds["put"], system, strict=True)),
@@ -328,9 +362,9 @@ def run(stack: BenchStack, quick: bool) -> dict[str, float]:
     stack.start_worker()
     try:
         with stack.client() as client:
-            # The run's start (submission, the first claim) and end (the last micro-batch's store)
-            # are fixed costs, 3% of a run of 256 images: a catalog run is thousands.
-            figures = engine_and_batching(stack, client, 512 if quick else 1024, 64 if quick else 128)
+            # A run's start (submission, the first claim) and end (the last micro-batch's store) are
+            # fixed costs, 3% of the wall time of a run of 256 images: a catalog run is thousands.
+            figures = engine_and_batching(stack, client, 320 if quick else 1024, 64 if quick else 128)
             # Jobs/s of a stream of micro-batches (at most 256 jobs each), not the latency of one:
             # 1,000 near no-op jobs are four, whose stages overlap as a catalog's do.
             figures |= uploads_and_orchestration(stack, client, 1000 if quick else 2000)
