@@ -6,8 +6,8 @@ written instead). Full runs add the engine-level comparisons of `bench.models`, 
 delivery (`bench.webhooks`), the input lookahead (`bench.prefetch`), the job cap (`bench.jobcap`),
 PNG compression levels (`bench.encode`), freed memory held or not (`bench.malloc`),
 where the forward pass slows down in the system (`bench.interference`), the API's thread-pool
-hops (`bench.hops`), traced engines (`bench.tracing`) and torch's CPU threads beside a busy
-process (`bench.threads`).
+hops (`bench.hops`), traced engines (`bench.tracing`), the near no-op rounds at 200 and 1,000 jobs
+(`bench.sizes`) and torch's CPU threads beside a busy process (`bench.threads`).
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
                                   indent=2) + "\n")
     console.print(f"written to {results}")
     if not args.quick:
-        from bench import encode, hops, interference, jobcap, malloc, prefetch, threads, tracing, webhooks
+        from bench import encode, hops, interference, jobcap, malloc, prefetch, sizes, threads, tracing, webhooks
 
         webhooks.main()
         hops.main()
@@ -141,6 +141,7 @@ def main() -> None:
         malloc.main()
         interference.main()
         tracing.main()
+        sizes.main()
         threads.main()  # last: it changes this process's torch threads
 
 
