@@ -28,6 +28,8 @@ from core.storage import Storage
 from workers import launcher
 
 ACCESS_KEY, SECRET_KEY = "step1x-bench", "step1x-bench-secret"
+# What `BenchStack.cpu_seconds` splits the machine's other processes into.
+PROCESS_GROUPS = ("s3", "postgres", "api", "redis", "bench", "rest")
 
 
 class BenchStack:
@@ -142,13 +144,15 @@ class BenchStack:
         threads = {t.id: t.user_time + t.system_time for t in pool.threads()}
         task = threads.pop(pool.pid)
         hosts = {child.pid for child in pool.children()}  # the engine process (STEP1X_ENGINE_PROCESS)
+        roots = {"postgres": self.postgres.process.pid, "s3": self.s3.process.pid, "redis": self.redis.process.pid}
+        if self.api is not None:
+            roots["api"] = self.api.pid
         groups = {os.getpid(): "bench"}
-        for name, root in (("postgres", self.postgres.process.pid), ("s3", self.s3.process.pid),
-                           ("redis", self.redis.process.pid), ("api", self.api.pid if self.api else None)):
-            with suppress(psutil.Error, TypeError):
+        for name, root in roots.items():
+            with suppress(psutil.Error):
                 process = psutil.Process(root)
                 groups |= {p.pid: name for p in (process, *process.children(recursive=True))}
-        spent = dict.fromkeys(("engine_process", "postgres", "s3", "redis", "api", "bench", "rest"), 0.0)
+        spent = dict.fromkeys(("engine_process", *PROCESS_GROUPS), 0.0)
         for process in psutil.process_iter():
             with suppress(psutil.Error):
                 if process.pid != pool.pid:

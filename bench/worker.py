@@ -47,7 +47,7 @@ import redis
 from PIL import Image
 from sqlalchemy import delete, select
 
-from bench.stack import BenchStack
+from bench.stack import PROCESS_GROUPS, BenchStack
 from core import heap
 from core.db import session_scope
 from core.storage import Storage, output_key
@@ -190,8 +190,7 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int, few: in
             "engine_page_faults_per_image": engine_faults / images, "raw_page_faults_per_image": raw_faults / images,
             "other_processes_cpu_vs_raw": cpu["other_processes"] / raw_s,
             # ... split: the storage service, the database, the API, Redis, this bench, the rest.
-            **{f"{group}_cpu_vs_raw": cpu[group] / raw_s
-               for group in ("s3", "postgres", "api", "redis", "bench", "rest")},
+            **{f"{group}_cpu_vs_raw": cpu[group] / raw_s for group in PROCESS_GROUPS},
             # Where the planned runs' wall time went: the engine's forward passes (and how much
             # slower than the raw loop's), the claims, and the rest (Celery's hand-over between
             # messages, submission, the last micro-batch's store).
