@@ -15,7 +15,7 @@ from typing import Any
 from rich.console import Console
 
 from bench import worker
-from bench.spread import print_table, spread, spread_text, write_results
+from bench.spread import mirrored, print_table, spread, spread_text, write_results
 from bench.stack import BenchStack
 
 console = Console()
@@ -32,7 +32,7 @@ def main() -> dict[str, Any]:
         workdir = Path(tmp)
         with BenchStack(workdir, workdir / "models") as stack:
             for repeat in range(REPEATS):
-                for size in SIZES if repeat % 2 == 0 else SIZES[::-1]:
+                for size in mirrored(SIZES, repeat):
                     console.print(f"[bold]{size} jobs[/bold] run {repeat + 1}/{REPEATS}")
                     stack.fresh_database()
                     stack.start_worker()

@@ -1,4 +1,5 @@
-"""How every bench reports its figures: min, median and max of the runs, a table, a results file."""
+"""How every bench orders and reports its runs: side by side in mirror order; min, median and max
+of the runs, a table, a results file."""
 
 from __future__ import annotations
 
@@ -6,10 +7,18 @@ import json
 import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
+
+T = TypeVar("T")
+
+
+def mirrored(sides: Sequence[T], round_: int) -> Sequence[T]:
+    """`sides` in their order in even rounds and reversed in odd ones, so that the machine's drift
+    weighs on each side of a comparison alike."""
+    return sides if round_ % 2 == 0 else sides[::-1]
 
 
 def spread(values: Sequence[float]) -> dict[str, Any]:

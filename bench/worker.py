@@ -47,6 +47,7 @@ import redis
 from PIL import Image
 from sqlalchemy import delete, select
 
+from bench.spread import mirrored
 from bench.stack import PROCESS_GROUPS, BenchStack
 from core import heap
 from core.db import session_scope
@@ -162,7 +163,7 @@ def engine_and_batching(stack: BenchStack, client: httpx.Client, n: int, few: in
         raw_faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     for round_ in range(ENGINE_ROUNDS):
-        for side in (system, raw) if round_ % 2 == 0 else (raw, system):
+        for side in mirrored((system, raw), round_):
             side(round_)
     with session_scope(stack.settings.database_url) as session:
         session.add(Calibration(profile="tiny-sd", device="bench", batch_size=1, pixel_budget=64 * 64,
@@ -209,7 +210,6 @@ def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -
     run_batch(client, tagged_items(16, "warm-up", **spec))
     storage = Storage(stack.settings)
     data = noise_png(32)
-    rounds: dict[str, list[float]] = {"system": [], "celery": [], "put": [], "put_many": []}
     run_id = uuid.uuid4().hex[:8]  # the repeats share one stack: each PUT a new object
     with bare_celery(stack) as celery_loop:
         def jobs(round_: int) -> float:
@@ -227,12 +227,11 @@ def uploads_and_orchestration(stack: BenchStack, client: httpx.Client, n: int) -
                              for i in range(n))
             return time.perf_counter() - started
 
+        # The system next to the Celery loop, then the PUT loops; every other round in the mirror order.
         sides = {"system": jobs, "celery": lambda _: celery_loop(n), "put": put, "put_many": put_many}
+        rounds: dict[str, list[float]] = {name: [] for name in sides}
         for round_ in range(ROUNDS):
-            # The system next to the Celery loop, then the PUT loops; every other round in the
-            # mirror order, so the machine's drift weighs on both sides of each ratio alike.
-            order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
-            for name in order:
+            for name in mirrored(list(sides), round_):
                 rounds[name].append(sides[name](round_))
     system = rounds["system"]
     median = statistics.median
